@@ -68,16 +68,16 @@ fn put_header(out: &mut Vec<u8>, kv: &KeyValue) {
     }
 }
 
-fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+pub(super) fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     // Keys and values are far below 4 GiB: redb itself caps values at 3 GiB.
     out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
     out.extend_from_slice(bytes);
 }
 
-struct Reader<'a>(&'a [u8]);
+pub(super) struct Reader<'a>(pub(super) &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         if self.0.len() < n {
             return Err(format!(
                 "record truncated: wanted {n} bytes, {} left",
@@ -89,13 +89,13 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
-    fn i64(&mut self) -> Result<i64, String> {
+    pub(super) fn i64(&mut self) -> Result<i64, String> {
         let mut buf = [0u8; 8];
         buf.copy_from_slice(self.take(8)?);
         Ok(i64::from_le_bytes(buf))
     }
 
-    fn bytes(&mut self) -> Result<&'a [u8], String> {
+    pub(super) fn bytes(&mut self) -> Result<&'a [u8], String> {
         let mut buf = [0u8; 4];
         buf.copy_from_slice(self.take(4)?);
         self.take(u32::from_le_bytes(buf) as usize)

@@ -19,6 +19,7 @@
 //! performs when a deadline passes.
 
 mod codec;
+mod wal;
 mod watch;
 
 use std::collections::HashMap;
@@ -29,8 +30,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use redb::{
-    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition,
-    WriteTransaction,
+    Database, MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
+    TableDefinition, WriteTransaction,
 };
 use tokio::sync::oneshot;
 
@@ -38,6 +39,7 @@ use crate::{
     EventKind, KeyValue, Lease, LeaseId, Op, RangePage, RangeRequest, Revision, Store, StoreError,
     StoreStatus, Txn, TxnResponse, WatchEvent, WatchStream, prefix_end, ttl_secs,
 };
+use wal::{Effect, Wal};
 use watch::Hub;
 
 /// Live keys: key -> record (see `codec`).
@@ -134,6 +136,17 @@ impl EmbeddedStore {
             .set_cache_size(options.cache_size_bytes)
             .create(&path)
             .map_err(|e| open_error(e.into()))?;
+        let wal_path = wal_path(&path);
+        let wal_error = |e: std::io::Error| StoreError::Open {
+            path: wal_path.clone(),
+            source: e.into(),
+        };
+        let (mut wal, payloads) = Wal::open(&wal_path).map_err(wal_error)?;
+        if !payloads.is_empty() {
+            tracing::info!(path = %wal_path.display(), frames = payloads.len(), "replaying the write-ahead log");
+            recover(&db, &payloads, &wal_path)?;
+            wal.reset().map_err(wal_error)?;
+        }
         let db = Arc::new(db);
         let state = State::load(&db, &path)?;
         let hub = Arc::new(Hub::new(state.revision, options.watch_buffer));
@@ -141,6 +154,8 @@ impl EmbeddedStore {
         let writer = Writer {
             db: db.clone(),
             path: path.clone(),
+            wal,
+            last_checkpoint: Instant::now(),
             hub: hub.clone(),
             state,
             options,
@@ -270,6 +285,14 @@ fn read_meta(txn: &redb::ReadTransaction, name: &str) -> Result<i64, ReadError> 
     }
 }
 
+/// The write-ahead log beside the store file: `store.redb` has
+/// `store.redb.wal`.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".wal");
+    PathBuf::from(name)
+}
+
 /// The revision of an empty store, as in etcd.
 const FIRST_REVISION: Revision = 1;
 
@@ -368,13 +391,18 @@ impl Store for EmbeddedStore {
         let revision = self
             .read("status", |txn| read_meta(txn, "revision"))?
             .max(FIRST_REVISION);
-        let db_size_bytes = std::fs::metadata(&self.inner.path)
-            .map_err(|e| StoreError::Io {
-                path: self.inner.path.clone(),
-                operation: "status",
-                source: e.into(),
-            })?
-            .len();
+        let size = |path: &Path| {
+            std::fs::metadata(path)
+                .map(|m| m.len())
+                .map_err(|e| StoreError::Io {
+                    path: path.to_path_buf(),
+                    operation: "status",
+                    source: e.into(),
+                })
+        };
+        // The log counts: it is part of what the store keeps on disk.
+        let db_size_bytes =
+            size(&self.inner.path)? + size(&wal_path(&self.inner.path)).unwrap_or(0);
         Ok(StoreStatus {
             revision,
             db_size_bytes,
@@ -421,6 +449,8 @@ impl State {
 struct Writer {
     db: Arc<Database>,
     path: PathBuf,
+    wal: Wal,
+    last_checkpoint: Instant,
     hub: Arc<Hub>,
     state: State,
     options: EmbeddedOptions,
@@ -457,7 +487,7 @@ impl Reply {
         };
     }
 
-    fn fail(self, error: impl Fn() -> StoreError) -> Reply {
+    fn fail(self, error: &impl Fn() -> StoreError) -> Reply {
         match self {
             Reply::Txn(tx, _) => Reply::Txn(tx, Err(error())),
             Reply::Lease(tx, _) => Reply::Lease(tx, Err(error())),
@@ -487,16 +517,117 @@ impl<'t> Tables<'t> {
             lease_keys: txn.open_multimap_table(LEASE_KEYS)?,
         })
     }
+
+    /// The one place the tables change, live and in recovery alike.
+    fn apply(&mut self, effect: &Effect) -> Result<(), redb::Error> {
+        match effect {
+            Effect::PutKv { key, record } => {
+                self.kv.insert(key.as_slice(), record.as_slice())?;
+            }
+            Effect::DeleteKv { key } => {
+                self.kv.remove(key.as_slice())?;
+            }
+            Effect::PutLog { revision, events } => {
+                self.log.insert(*revision, events.as_slice())?;
+            }
+            Effect::TrimLog { below } => self.log.retain_in(..*below, |_, _| false)?,
+            Effect::PutLease { id, ttl } => {
+                self.leases.insert(*id, *ttl)?;
+            }
+            Effect::DeleteLease { id } => {
+                self.leases.remove(*id)?;
+                self.lease_keys.remove_all(*id)?;
+            }
+            Effect::AddLeaseKey { id, key } => {
+                self.lease_keys.insert(*id, key.as_slice())?;
+            }
+            Effect::RemoveLeaseKey { id, key } => {
+                self.lease_keys.remove(*id, key.as_slice())?;
+            }
+            Effect::Meta {
+                revision,
+                compacted,
+                next_lease,
+            } => {
+                self.meta.insert("revision", *revision)?;
+                self.meta.insert("compacted", *compacted)?;
+                self.meta.insert("next_lease", *next_lease)?;
+            }
+        }
+        Ok(())
+    }
 }
+
+/// One batch in the making: its tables and the log frame of its effects.
+struct Batch<'t> {
+    tables: Tables<'t>,
+    frame: Vec<u8>,
+}
+
+impl Batch<'_> {
+    fn effect(&mut self, effect: Effect) -> Result<(), redb::Error> {
+        effect.encode(&mut self.frame);
+        self.tables.apply(&effect)
+    }
+
+    fn get(&self, key: &[u8], writer: &Writer) -> Result<Option<KeyValue>, redb::Error> {
+        match self.tables.kv.get(key)? {
+            Some(record) => Ok(Some(writer.decode(key, record.value())?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Replays the effects of a log's frames over the file and makes the
+/// result durable.
+fn recover(db: &Database, payloads: &[Vec<u8>], wal_path: &Path) -> Result<(), StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        path: wal_path.to_path_buf(),
+        key: "write-ahead log frame".into(),
+        detail,
+    };
+    let replay = || -> Result<Result<(), String>, redb::Error> {
+        let txn = db.begin_write()?;
+        let mut tables = Tables::open(&txn)?;
+        for payload in payloads {
+            let effects = match Effect::decode_all(payload) {
+                Ok(effects) => effects,
+                Err(detail) => return Ok(Err(detail)),
+            };
+            for effect in &effects {
+                tables.apply(effect)?;
+            }
+        }
+        drop(tables);
+        txn.commit()?;
+        Ok(Ok(()))
+    };
+    match replay() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(detail)) => Err(corrupt(detail)),
+        Err(e) => Err(StoreError::Open {
+            path: wal_path.to_path_buf(),
+            source: e.into(),
+        }),
+    }
+}
+
+/// How often the file itself is made durable (a checkpoint), after which
+/// the write-ahead log starts empty again.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+const CHECKPOINT_LOG_BYTES: u64 = 64 << 20;
 
 impl Writer {
     fn run(mut self, requests: mpsc::Receiver<Request>) {
         loop {
-            let wait = self
+            let mut wait = self
                 .next_deadline()
                 .map_or(Duration::from_secs(1), |deadline| {
                     deadline.saturating_duration_since(Instant::now())
                 });
+            if self.wal.len() > 0 {
+                wait = wait.min(CHECKPOINT_INTERVAL.saturating_sub(self.last_checkpoint.elapsed()));
+            }
             let mut batch = Vec::new();
             match requests.recv_timeout(wait) {
                 Ok(request) => batch.push(request),
@@ -510,10 +641,21 @@ impl Writer {
                 }
             }
             let expired = self.expired_leases();
-            if batch.is_empty() && expired.is_empty() {
+            let checkpoint_due = self.wal.len() > 0
+                && (self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
+                    || self.wal.len() >= CHECKPOINT_LOG_BYTES);
+            if batch.is_empty() && expired.is_empty() && !checkpoint_due {
                 continue;
             }
-            self.apply_batch(batch, expired);
+            if let Err(error) = self.apply_batch(batch, expired, checkpoint_due) {
+                // The log could not be written: what is in memory may be
+                // ahead of what is durable, so nothing more is accepted.
+                tracing::error!(path = %self.wal.path().display(), error = %error, "write-ahead log failed; the store stops");
+                break;
+            }
+        }
+        if self.wal.len() > 0 {
+            let _ = self.apply_batch(Vec::new(), Vec::new(), true);
         }
         self.hub.close();
     }
@@ -539,50 +681,90 @@ impl Writer {
         ids
     }
 
-    fn apply_batch(&mut self, batch: Vec<Request>, expired: Vec<i64>) {
-        let mut replies = Vec::with_capacity(batch.len());
+    /// Applies a batch, makes it durable (a log append, or a checkpoint),
+    /// publishes its events and answers its callers. An error is returned
+    /// only when the log failed, after the callers were answered with it.
+    fn apply_batch(
+        &mut self,
+        requests: Vec<Request>,
+        expired: Vec<i64>,
+        checkpoint: bool,
+    ) -> Result<(), std::io::Error> {
+        let mut replies = Vec::with_capacity(requests.len());
         let mut events = Vec::new();
-        let result = (|| -> Result<(), redb::Error> {
-            let txn = self.db.begin_write()?;
-            let mut tables = Tables::open(&txn)?;
-            for id in expired {
-                tracing::debug!(lease = id, "lease expired");
-                self.revoke(&mut tables, id, &mut events)?;
-            }
-            for request in batch {
-                replies.push(self.apply(&mut tables, request, &mut events)?);
-            }
-            tables.meta.insert("revision", self.state.revision)?;
-            tables.meta.insert("compacted", self.state.compacted)?;
-            tables.meta.insert("next_lease", self.state.next_lease)?;
-            drop(tables);
+        let mut frame = Vec::new();
+        let committed = (|| -> Result<(), redb::Error> {
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(if checkpoint {
+                redb::Durability::Immediate
+            } else {
+                redb::Durability::None
+            })?;
+            frame = {
+                let mut batch = Batch {
+                    tables: Tables::open(&txn)?,
+                    frame: Vec::new(),
+                };
+                for id in expired {
+                    tracing::debug!(lease = id, "lease expired");
+                    self.revoke(&mut batch, id, &mut events)?;
+                }
+                for request in requests {
+                    replies.push(self.apply(&mut batch, request, &mut events)?);
+                }
+                batch.effect(Effect::Meta {
+                    revision: self.state.revision,
+                    compacted: self.state.compacted,
+                    next_lease: self.state.next_lease,
+                })?;
+                batch.frame
+            };
             txn.commit()?;
             Ok(())
         })();
-        match result {
-            Ok(()) => {
-                self.hub.publish(self.state.revision, events);
-                replies.into_iter().for_each(Reply::send);
+        if let Err(error) = committed {
+            tracing::error!(path = %self.path.display(), error = %error, "store commit failed");
+            let failure = self.failure("commit", &error);
+            for reply in replies {
+                reply.fail(&failure).send();
             }
-            Err(error) => {
-                tracing::error!(path = %self.path.display(), error = %error, "store commit failed");
-                let path = self.path.clone();
-                let message = error.to_string();
-                let failure = || StoreError::Io {
-                    path: path.clone(),
-                    operation: "commit",
-                    source: message.clone().into(),
-                };
-                for reply in replies {
-                    reply.fail(failure).send();
-                }
-                // Requests not reached before the failure are dropped with
-                // the batch; their callers see the store as closed for them.
-                match State::load(&self.db, &self.path) {
-                    Ok(state) => self.state = state,
-                    Err(error) => tracing::error!(error = %error, "cannot reload store state"),
-                }
+            // Requests not reached before the failure are dropped with the
+            // batch; their callers see the store as closed for them.
+            match State::load(&self.db, &self.path) {
+                Ok(state) => self.state = state,
+                Err(error) => tracing::error!(error = %error, "cannot reload store state"),
             }
+            return Ok(());
+        }
+        let durable = if checkpoint {
+            self.last_checkpoint = Instant::now();
+            self.wal.reset()
+        } else {
+            self.wal.append(&frame)
+        };
+        if let Err(error) = durable {
+            let failure = self.failure("write-ahead log append", &error);
+            for reply in replies {
+                reply.fail(&failure).send();
+            }
+            return Err(error);
+        }
+        self.hub.publish(self.state.revision, events);
+        replies.into_iter().for_each(Reply::send);
+        Ok(())
+    }
+
+    fn failure(
+        &self,
+        operation: &'static str,
+        error: &dyn std::fmt::Display,
+    ) -> impl Fn() -> StoreError + use<> {
+        let path = self.path.clone();
+        let message = error.to_string();
+        move || StoreError::Io {
+            path: path.clone(),
+            operation,
+            source: message.clone().into(),
         }
     }
 
@@ -590,19 +772,19 @@ impl Writer {
     /// fails the whole batch; an error of the request itself is its reply.
     fn apply(
         &mut self,
-        tables: &mut Tables<'_>,
+        batch: &mut Batch<'_>,
         request: Request,
         events: &mut Vec<WatchEvent>,
     ) -> Result<Reply, redb::Error> {
         Ok(match request {
             Request::Txn(request, reply) => {
-                let result = self.apply_txn(tables, request, events)?;
+                let result = self.apply_txn(batch, request, events)?;
                 Reply::Txn(reply, result)
             }
             Request::LeaseGrant(ttl, reply) => {
                 let id = self.state.next_lease;
                 self.state.next_lease += 1;
-                tables.leases.insert(id, ttl)?;
+                batch.effect(Effect::PutLease { id, ttl })?;
                 let deadline = Instant::now() + Duration::from_secs(ttl as u64);
                 self.state.leases.insert(id, (ttl, deadline));
                 Reply::Lease(
@@ -625,7 +807,7 @@ impl Writer {
             }
             Request::LeaseRevoke(id, reply) => {
                 let result = if self.state.leases.contains_key(&id.0) {
-                    self.revoke(tables, id.0, events)?;
+                    self.revoke(batch, id.0, events)?;
                     Ok(())
                 } else {
                     Err(StoreError::LeaseNotFound(id))
@@ -643,7 +825,7 @@ impl Writer {
                         oldest: self.state.compacted,
                     })
                 } else {
-                    tables.log.retain_in(..revision, |_, _| false)?;
+                    batch.effect(Effect::TrimLog { below: revision })?;
                     self.state.compacted = revision;
                     Ok(())
                 };
@@ -654,16 +836,13 @@ impl Writer {
 
     fn apply_txn(
         &mut self,
-        tables: &mut Tables<'_>,
+        batch: &mut Batch<'_>,
         request: Txn,
         events: &mut Vec<WatchEvent>,
     ) -> Result<Result<TxnResponse, StoreError>, redb::Error> {
         let mut succeeded = true;
         for compare in &request.compare {
-            let current = match tables.kv.get(compare.key.as_bytes())? {
-                Some(record) => Some(self.decode(compare.key.as_bytes(), record.value())?),
-                None => None,
-            };
+            let current = batch.get(compare.key.as_bytes(), self)?;
             if !compare.holds(current.as_ref()) {
                 succeeded = false;
                 break;
@@ -689,17 +868,16 @@ impl Writer {
         for op in ops {
             match op {
                 Op::Put { key, value, lease } => {
-                    let previous = match tables.kv.get(key.as_bytes())? {
-                        Some(record) => Some(self.decode(key.as_bytes(), record.value())?),
-                        None => None,
-                    };
+                    let previous = batch.get(key.as_bytes(), self)?;
                     let previous_lease = previous.as_ref().and_then(|kv| kv.lease);
                     if previous_lease != lease {
                         if let Some(old) = previous_lease {
-                            tables.lease_keys.remove(old.0, key.as_bytes())?;
+                            let key = key.as_bytes().to_vec();
+                            batch.effect(Effect::RemoveLeaseKey { id: old.0, key })?;
                         }
                         if let Some(new) = lease {
-                            tables.lease_keys.insert(new.0, key.as_bytes())?;
+                            let key = key.as_bytes().to_vec();
+                            batch.effect(Effect::AddLeaseKey { id: new.0, key })?;
                         }
                     }
                     let kv = KeyValue {
@@ -712,22 +890,24 @@ impl Writer {
                         value,
                         key,
                     };
-                    tables
-                        .kv
-                        .insert(kv.key.as_bytes(), codec::encode_record(&kv).as_slice())?;
+                    let record = codec::encode_record(&kv);
+                    batch.effect(Effect::PutKv {
+                        key: kv.key.as_bytes().to_vec(),
+                        record,
+                    })?;
                     events.push(WatchEvent {
                         kind: EventKind::Put,
                         kv,
                     });
                 }
                 Op::Delete { key } => {
-                    if let Some(event) = self.delete_key(tables, key, revision)? {
+                    if let Some(event) = self.delete_key(batch, key, revision)? {
                         events.push(event);
                     }
                 }
             }
         }
-        self.log_revision(tables, revision, &events[first_event..])?;
+        self.log_revision(batch, revision, &events[first_event..])?;
         Ok(Ok(TxnResponse {
             succeeded,
             revision: self.state.revision,
@@ -738,32 +918,37 @@ impl Writer {
     /// revision to it; a revision that changed nothing is not a revision.
     fn log_revision(
         &mut self,
-        tables: &mut Tables<'_>,
+        batch: &mut Batch<'_>,
         revision: Revision,
         events: &[WatchEvent],
     ) -> Result<(), redb::Error> {
         if !events.is_empty() {
             self.state.revision = revision;
-            tables
-                .log
-                .insert(revision, codec::encode_events(events).as_slice())?;
+            batch.effect(Effect::PutLog {
+                revision,
+                events: codec::encode_events(events),
+            })?;
         }
         Ok(())
     }
 
     fn delete_key(
         &self,
-        tables: &mut Tables<'_>,
+        batch: &mut Batch<'_>,
         key: String,
         revision: Revision,
     ) -> Result<Option<WatchEvent>, redb::Error> {
-        let Some(record) = tables.kv.remove(key.as_bytes())? else {
+        let Some(previous) = batch.get(key.as_bytes(), self)? else {
             return Ok(None);
         };
-        let previous = self.decode(key.as_bytes(), record.value())?;
-        drop(record);
+        batch.effect(Effect::DeleteKv {
+            key: key.as_bytes().to_vec(),
+        })?;
         if let Some(lease) = previous.lease {
-            tables.lease_keys.remove(lease.0, key.as_bytes())?;
+            batch.effect(Effect::RemoveLeaseKey {
+                id: lease.0,
+                key: key.as_bytes().to_vec(),
+            })?;
         }
         Ok(Some(WatchEvent {
             kind: EventKind::Delete,
@@ -781,28 +966,26 @@ impl Writer {
     /// Deletes a lease and every key attached to it, at one revision.
     fn revoke(
         &mut self,
-        tables: &mut Tables<'_>,
+        batch: &mut Batch<'_>,
         id: i64,
         events: &mut Vec<WatchEvent>,
     ) -> Result<(), redb::Error> {
         self.state.leases.remove(&id);
-        tables.leases.remove(id)?;
-        let keys: Vec<String> = tables
+        let keys: Vec<String> = batch
+            .tables
             .lease_keys
-            .remove_all(id)?
+            .get(id)?
             .map(|key| key.map(|key| String::from_utf8_lossy(key.value()).into_owned()))
             .collect::<Result<_, _>>()?;
-        if keys.is_empty() {
-            return Ok(());
-        }
         let revision = self.state.revision + 1;
         let first_event = events.len();
         for key in keys {
-            if let Some(event) = self.delete_key(tables, key, revision)? {
+            if let Some(event) = self.delete_key(batch, key, revision)? {
                 events.push(event);
             }
         }
-        self.log_revision(tables, revision, &events[first_event..])
+        batch.effect(Effect::DeleteLease { id })?;
+        self.log_revision(batch, revision, &events[first_event..])
     }
 
     /// A record the writer cannot decode is corruption; it fails the batch
