@@ -2,7 +2,7 @@
 //! history and forgets the rest, so a store does not grow without bound.
 //! One loop serves both backends because it only uses the [`Store`] trait.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::{Revision, Store};
@@ -34,18 +34,21 @@ impl AutoCompaction {
     }
 }
 
-/// Runs [`AutoCompaction`] until the returned handle is aborted or dropped
-/// with its runtime. Failures are logged and retried at the next tick.
+/// Runs [`AutoCompaction`] until the store is dropped (the task holds only
+/// a weak reference, so it never keeps a store open) or the returned handle
+/// is aborted. Failures are logged and retried at the next tick.
 pub fn spawn_auto_compaction(
-    store: Arc<dyn Store>,
+    store: &Arc<dyn Store>,
     policy: AutoCompaction,
 ) -> tokio::task::JoinHandle<()> {
+    let store: Weak<dyn Store> = Arc::downgrade(store);
     tokio::spawn(async move {
         let mut last_compacted: Revision = 0;
         let mut tick = tokio::time::interval(policy.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            let Some(store) = store.upgrade() else { return };
             let status = match store.status().await {
                 Ok(status) => status,
                 Err(error) => {

@@ -18,7 +18,9 @@
 
 #![forbid(unsafe_code)]
 
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
@@ -389,6 +391,64 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn compact(&self, revision: Revision) -> Result<(), StoreError>;
 
     async fn status(&self) -> Result<StoreStatus, StoreError>;
+}
+
+/// Which backend a store lives on.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// A single file (created with its parent directories when missing).
+    Embedded {
+        path: PathBuf,
+        options: EmbeddedOptions,
+    },
+    Etcd(EtcdOptions),
+}
+
+/// How to open the cluster store: a backend, and automatic compaction,
+/// which is on unless set to `None`.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub backend: Backend,
+    pub auto_compaction: Option<AutoCompaction>,
+}
+
+impl StoreConfig {
+    /// The embedded store in the file at `path`, with default settings.
+    pub fn embedded(path: impl Into<PathBuf>) -> Self {
+        Self {
+            backend: Backend::Embedded {
+                path: path.into(),
+                options: EmbeddedOptions::default(),
+            },
+            auto_compaction: Some(AutoCompaction::default()),
+        }
+    }
+
+    /// An etcd cluster at `endpoints`, with default timeouts.
+    pub fn etcd(endpoints: Vec<String>) -> Self {
+        Self {
+            backend: Backend::Etcd(EtcdOptions {
+                endpoints,
+                ..EtcdOptions::default()
+            }),
+            auto_compaction: Some(AutoCompaction::default()),
+        }
+    }
+}
+
+/// Opens the store a config names and starts its automatic compaction,
+/// which ends by itself when the store is dropped. Needs a Tokio runtime.
+pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    let store: Arc<dyn Store> = match &config.backend {
+        Backend::Embedded { path, options } => {
+            Arc::new(EmbeddedStore::open(path, options.clone())?)
+        }
+        Backend::Etcd(options) => Arc::new(EtcdStore::connect(options.clone()).await?),
+    };
+    if let Some(policy) = config.auto_compaction {
+        spawn_auto_compaction(&store, policy);
+    }
+    Ok(store)
 }
 
 /// The end of the key range that holds every key starting with `prefix`:

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use keel_store::{
-    AutoCompaction, EmbeddedOptions, EmbeddedStore, EventKind, Store, StoreError,
-    spawn_auto_compaction,
+    AutoCompaction, EmbeddedOptions, EmbeddedStore, EventKind, Store, StoreConfig, StoreError,
 };
 
 fn open(path: &std::path::Path) -> EmbeddedStore {
@@ -173,17 +172,22 @@ async fn grow(store: Arc<dyn Store>, revisions: usize) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_compaction_keeps_the_file_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let unbounded: Arc<dyn Store> = Arc::new(open(&dir.path().join("unbounded.redb")));
-    let bounded: Arc<dyn Store> = Arc::new(open(&dir.path().join("bounded.redb")));
-    let policy = AutoCompaction {
+    let path = dir.path().join("bounded.redb");
+    let mut off = StoreConfig::embedded(dir.path().join("unbounded.redb"));
+    off.auto_compaction = None;
+    let mut on = StoreConfig::embedded(&path);
+    on.auto_compaction = Some(AutoCompaction {
         retain_revisions: 100,
         interval: Duration::from_millis(20),
-    };
-    let compactor = spawn_auto_compaction(bounded.clone(), policy);
+    });
+    assert!(
+        StoreConfig::embedded(&path).auto_compaction.is_some(),
+        "on by default"
+    );
 
-    let unbounded_size = grow(unbounded, 8000).await;
-    let bounded_size = grow(bounded.clone(), 8000).await;
-    compactor.abort();
+    let unbounded_size = grow(keel_store::open(&off).await.unwrap(), 4000).await;
+    let bounded = keel_store::open(&on).await.unwrap();
+    let bounded_size = grow(bounded.clone(), 4000).await;
     assert!(
         bounded_size * 4 < unbounded_size,
         "with compaction {bounded_size} bytes, without {unbounded_size} bytes"
@@ -193,4 +197,11 @@ async fn auto_compaction_keeps_the_file_bounded() {
         watch.next().await,
         Some(Err(StoreError::Compacted { .. }))
     ));
+    drop(watch);
+
+    // The compactor holds no strong reference: dropping the store closes
+    // the file, so it can be opened again at once.
+    drop(bounded);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    EmbeddedStore::open(&path, EmbeddedOptions::default()).expect("reopen after drop");
 }
