@@ -654,8 +654,15 @@ impl Writer {
                 break;
             }
         }
-        if self.wal.len() > 0 {
-            let _ = self.apply_batch(Vec::new(), Vec::new(), true);
+        // A clean close leaves the file current and no log beside it, so a
+        // stopped store is the one file.
+        let checkpointed =
+            self.wal.len() == 0 || self.apply_batch(Vec::new(), Vec::new(), true).is_ok();
+        if checkpointed
+            && self.wal.len() == 0
+            && let Err(error) = std::fs::remove_file(self.wal.path())
+        {
+            tracing::warn!(path = %self.wal.path().display(), error = %error, "cannot remove the emptied write-ahead log");
         }
         self.hub.close();
     }
