@@ -1,0 +1,425 @@
+//! Projects, apps and their revisions: the desired state users declare.
+//!
+//! Nothing here runs containers or places instances; it only records what
+//! users asked for, atomically, so that the reconcilers (which wake on
+//! store watches) can act on it. Every write is a compare-and-swap on the
+//! records it read, so two concurrent applies never lose one another.
+
+use std::sync::Arc;
+
+use keel_manifest::AppManifest;
+use keel_store::{Compare, CompareOp, KeyValue, Op, RangeRequest, Revision, Store, Txn};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::{ApiError, FieldProblem};
+use crate::records::{
+    AppRecord, EventRecord, ProjectRecord, RevisionCause, RevisionRecord, keys, now_ms,
+};
+
+/// How many times a write that lost a race is retried before the caller
+/// is told of the conflict.
+const CAS_ATTEMPTS: usize = 5;
+
+#[derive(Debug, Clone)]
+pub struct Apps {
+    store: Arc<dyn Store>,
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Applied {
+    pub app: AppRecord,
+    pub revision: RevisionRecord,
+    /// False when the manifest was identical to the current revision's.
+    pub changed: bool,
+    /// True when the app did not exist before.
+    pub created: bool,
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ApiError> {
+    serde_json::from_slice(&kv.value)
+        .map_err(|e| ApiError::Internal(format!("stored record {} does not decode: {e}", kv.key)))
+}
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, ApiError> {
+    serde_json::to_vec(value).map_err(|e| ApiError::Internal(format!("cannot encode record: {e}")))
+}
+
+/// Checks a name used in a URL path the way the manifest checks names, so a
+/// bad name is a 400 and never becomes part of a store key.
+pub(crate) fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::Invalid(vec![FieldProblem::new(
+            field,
+            format!(
+                "{name:?} is not a valid name: 1 to 63 lowercase letters, digits or '-', starting with a letter and not ending with '-'"
+            ),
+        )]))
+    }
+}
+
+fn event_ops(sequence: Revision, events: &[EventRecord]) -> Result<Vec<Op>, ApiError> {
+    let nonce = getrandom::u32().map_err(|e| ApiError::Internal(format!("no randomness: {e}")))?;
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, event)| {
+            Ok(Op::put(
+                keys::event(sequence as u64, nonce, i),
+                encode(event)?,
+            ))
+        })
+        .collect()
+}
+
+fn event(project: &str, app: Option<&str>, reason: &str, message: String) -> EventRecord {
+    EventRecord {
+        time_ms: now_ms(),
+        project: Some(project.to_owned()),
+        app: app.map(str::to_owned),
+        reason: reason.to_owned(),
+        message,
+    }
+}
+
+impl Apps {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+
+    async fn list<T: DeserializeOwned>(&self, prefix: String) -> Result<Vec<T>, ApiError> {
+        let mut out = Vec::new();
+        let mut request = Some(RangeRequest::prefix(prefix).limit(500));
+        while let Some(current) = request {
+            let page = self.store.range(&current).await?;
+            for kv in &page.kvs {
+                out.push(decode(kv)?);
+            }
+            request = page.next(&current);
+        }
+        Ok(out)
+    }
+
+    /// Writes `ops` plus the events, with the events keyed after the store's
+    /// current revision so that they sort in time order.
+    async fn commit(
+        &self,
+        compare: Vec<Compare>,
+        mut ops: Vec<Op>,
+        events: &[EventRecord],
+    ) -> Result<bool, ApiError> {
+        let sequence = self.store.status().await?.revision + 1;
+        ops.extend(event_ops(sequence, events)?);
+        Ok(self
+            .store
+            .txn(Txn::new().when(compare).and_then(ops))
+            .await?
+            .succeeded)
+    }
+
+    pub async fn create_project(&self, name: &str) -> Result<(ProjectRecord, bool), ApiError> {
+        check_name("name", name)?;
+        let key = keys::project(name);
+        if let Some(kv) = self.store.get(&key).await? {
+            return Ok((decode(&kv)?, false));
+        }
+        let record = ProjectRecord {
+            name: name.to_owned(),
+            created_at_ms: now_ms(),
+        };
+        let events = [event(
+            name,
+            None,
+            "project-created",
+            format!("project {name} created"),
+        )];
+        let created = self
+            .commit(
+                vec![Compare::missing(&key)],
+                vec![Op::put(&key, encode(&record)?)],
+                &events,
+            )
+            .await?;
+        if !created {
+            // Someone else created it between our read and our write.
+            let kv = self
+                .store
+                .get(&key)
+                .await?
+                .ok_or_else(|| ApiError::NotFound(format!("project {name}")))?;
+            return Ok((decode(&kv)?, false));
+        }
+        Ok((record, true))
+    }
+
+    pub async fn projects(&self) -> Result<Vec<ProjectRecord>, ApiError> {
+        self.list(keys::projects()).await
+    }
+
+    pub async fn project(&self, name: &str) -> Result<ProjectRecord, ApiError> {
+        check_name("project", name)?;
+        let kv = self.store.get(&keys::project(name)).await?;
+        decode(&kv.ok_or_else(|| ApiError::NotFound(format!("project {name}")))?)
+    }
+
+    /// Records a manifest as the app's desired state. An identical manifest
+    /// makes no new revision. The project is created on first use.
+    pub async fn apply(&self, manifest: AppManifest) -> Result<Applied, ApiError> {
+        self.create_project(&manifest.project).await?;
+        for _ in 0..CAS_ATTEMPTS {
+            if let Some(applied) = self.try_apply(&manifest).await? {
+                return Ok(applied);
+            }
+        }
+        Err(ApiError::Conflict(format!(
+            "app {}/{} is being changed by others; try again",
+            manifest.project, manifest.name
+        )))
+    }
+
+    /// One compare-and-swap attempt; `None` when another write won the race.
+    async fn try_apply(&self, manifest: &AppManifest) -> Result<Option<Applied>, ApiError> {
+        let (project, name) = (manifest.project.as_str(), manifest.name.as_str());
+        let app_key = keys::app(project, name);
+        let now = now_ms();
+        let (app, compare, created) = match self.store.get(&app_key).await? {
+            Some(kv) => {
+                let app: AppRecord = decode(&kv)?;
+                let current = self.revision(project, name, app.revision).await?;
+                if current.manifest.canonical_json() == manifest.canonical_json() {
+                    return Ok(Some(Applied {
+                        app,
+                        revision: current,
+                        changed: false,
+                        created: false,
+                    }));
+                }
+                let compare = Compare::mod_revision(&app_key, CompareOp::Equal, kv.mod_revision);
+                (app, compare, false)
+            }
+            None => {
+                let app = AppRecord {
+                    project: project.to_owned(),
+                    name: name.to_owned(),
+                    revision: 0,
+                    latest_revision: 0,
+                    created_at_ms: now,
+                    updated_at_ms: now,
+                };
+                (app, Compare::missing(&app_key), true)
+            }
+        };
+        let number = app.latest_revision + 1;
+        let revision = RevisionRecord {
+            revision: number,
+            created_at_ms: now,
+            cause: RevisionCause::Apply,
+            manifest: manifest.clone(),
+        };
+        let app = AppRecord {
+            revision: number,
+            latest_revision: number,
+            updated_at_ms: now,
+            ..app
+        };
+        let mut events = Vec::new();
+        if created {
+            events.push(event(
+                project,
+                Some(name),
+                "app-created",
+                format!("app {project}/{name} created"),
+            ));
+        }
+        events.push(event(
+            project,
+            Some(name),
+            "revision-created",
+            format!(
+                "revision {number} of {project}/{name} created (image {})",
+                manifest.image
+            ),
+        ));
+        let ops = vec![
+            Op::put(&app_key, encode(&app)?),
+            Op::put(keys::revision(project, name, number), encode(&revision)?),
+        ];
+        if !self.commit(vec![compare], ops, &events).await? {
+            return Ok(None);
+        }
+        Ok(Some(Applied {
+            app,
+            revision,
+            changed: true,
+            created,
+        }))
+    }
+
+    pub async fn apps(&self, project: Option<&str>) -> Result<Vec<AppRecord>, ApiError> {
+        if let Some(project) = project {
+            check_name("project", project)?;
+        }
+        self.list(keys::apps(project)).await
+    }
+
+    pub async fn app(&self, project: &str, name: &str) -> Result<AppRecord, ApiError> {
+        Ok(self.app_kv(project, name).await?.0)
+    }
+
+    async fn app_kv(&self, project: &str, name: &str) -> Result<(AppRecord, KeyValue), ApiError> {
+        check_name("project", project)?;
+        check_name("app", name)?;
+        let kv = self.store.get(&keys::app(project, name)).await?;
+        let kv = kv.ok_or_else(|| ApiError::NotFound(format!("app {project}/{name}")))?;
+        Ok((decode(&kv)?, kv))
+    }
+
+    pub async fn revision(
+        &self,
+        project: &str,
+        name: &str,
+        number: u64,
+    ) -> Result<RevisionRecord, ApiError> {
+        let kv = self
+            .store
+            .get(&keys::revision(project, name, number))
+            .await?;
+        decode(&kv.ok_or_else(|| {
+            ApiError::NotFound(format!("revision {number} of app {project}/{name}"))
+        })?)
+    }
+
+    pub async fn revisions(
+        &self,
+        project: &str,
+        name: &str,
+    ) -> Result<Vec<RevisionRecord>, ApiError> {
+        self.app(project, name).await?;
+        self.list(keys::revisions(project, name)).await
+    }
+
+    /// Deploys an older revision again as a new revision. Without a number,
+    /// the revision before the current one.
+    pub async fn rollback(
+        &self,
+        project: &str,
+        name: &str,
+        to: Option<u64>,
+    ) -> Result<Applied, ApiError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (app, kv) = self.app_kv(project, name).await?;
+            let target = match to {
+                Some(number) => number,
+                None if app.revision > 1 => app.revision - 1,
+                None => {
+                    return Err(ApiError::Unprocessable(format!(
+                        "app {project}/{name} has no revision before {} to roll back to",
+                        app.revision
+                    )));
+                }
+            };
+            if target == 0 || target > app.latest_revision {
+                return Err(ApiError::NotFound(format!(
+                    "revision {target} of app {project}/{name} (revisions are 1..={})",
+                    app.latest_revision
+                )));
+            }
+            if target == app.revision {
+                return Err(ApiError::Unprocessable(format!(
+                    "app {project}/{name} already runs revision {target}"
+                )));
+            }
+            let old = self.revision(project, name, target).await?;
+            let now = now_ms();
+            let number = app.latest_revision + 1;
+            let revision = RevisionRecord {
+                revision: number,
+                created_at_ms: now,
+                cause: RevisionCause::Rollback {
+                    to_revision: target,
+                },
+                manifest: old.manifest,
+            };
+            let app = AppRecord {
+                revision: number,
+                latest_revision: number,
+                updated_at_ms: now,
+                ..app
+            };
+            let events = [event(
+                project,
+                Some(name),
+                "rollback",
+                format!(
+                    "app {project}/{name} rolled back to revision {target} as revision {number}"
+                ),
+            )];
+            let app_key = keys::app(project, name);
+            let ops = vec![
+                Op::put(&app_key, encode(&app)?),
+                Op::put(keys::revision(project, name, number), encode(&revision)?),
+            ];
+            let compare = Compare::mod_revision(&app_key, CompareOp::Equal, kv.mod_revision);
+            if self.commit(vec![compare], ops, &events).await? {
+                return Ok(Applied {
+                    app,
+                    revision,
+                    changed: true,
+                    created: false,
+                });
+            }
+        }
+        Err(ApiError::Conflict(format!(
+            "app {project}/{name} is being changed by others; try again"
+        )))
+    }
+
+    /// Deletes an app and its revisions.
+    pub async fn delete(&self, project: &str, name: &str) -> Result<AppRecord, ApiError> {
+        let (app, kv) = self.app_kv(project, name).await?;
+        let mut ops = vec![Op::delete(keys::app(project, name))];
+        ops.extend((1..=app.latest_revision).map(|n| Op::delete(keys::revision(project, name, n))));
+        let events = [event(
+            project,
+            Some(name),
+            "app-deleted",
+            format!("app {project}/{name} deleted"),
+        )];
+        let compare =
+            Compare::mod_revision(keys::app(project, name), CompareOp::Equal, kv.mod_revision);
+        if !self.commit(vec![compare], ops, &events).await? {
+            return Err(ApiError::Conflict(format!(
+                "app {project}/{name} changed while it was being deleted; try again"
+            )));
+        }
+        Ok(app)
+    }
+
+    /// Events, oldest first, optionally of one project or app; at most
+    /// `limit`, the newest ones.
+    pub async fn events(
+        &self,
+        project: Option<&str>,
+        app: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, ApiError> {
+        let all: Vec<EventRecord> = self.list(keys::events()).await?;
+        let matching: Vec<EventRecord> = all
+            .into_iter()
+            .filter(|e| project.is_none_or(|p| e.project.as_deref() == Some(p)))
+            .filter(|e| app.is_none_or(|a| e.app.as_deref() == Some(a)))
+            .collect();
+        let skip = matching.len().saturating_sub(limit);
+        Ok(matching.into_iter().skip(skip).collect())
+    }
+}

@@ -1,0 +1,98 @@
+//! The controller: Keel's brain. It serves the REST API, owns the cluster
+//! store, and (as it grows) runs the scheduler and the reconcilers.
+//!
+//! Architecture Invariant: the controller is the only component that opens
+//! the store; agents, routers and the CLI reach state through its API.
+//! Architecture Invariant: HTTP stays in `api`; `apps` and the logic under
+//! it never see a request or a status code.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod apps;
+pub mod auth;
+pub mod records;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use keel_store::StoreConfig;
+
+pub use auth::NewAdminToken;
+
+/// How to run a controller.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where the API listens; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// Where the controller keeps its files (the embedded store, the admin
+    /// token file).
+    pub data_dir: PathBuf,
+    /// The store; `None` is the embedded store in `data_dir/store.redb`.
+    pub store: Option<StoreConfig>,
+}
+
+/// A running controller. Dropping it does not stop it; call [`Server::shutdown`].
+#[derive(Debug)]
+pub struct Server {
+    pub addr: SocketAddr,
+    /// Set only on the start that made the admin token.
+    pub new_admin_token: Option<NewAdminToken>,
+    pub admin_token_file: PathBuf,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
+        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!(
+                "cannot create the data directory {}",
+                config.data_dir.display()
+            )
+        })?;
+        let store_config = config
+            .store
+            .clone()
+            .unwrap_or_else(|| StoreConfig::embedded(config.data_dir.join("store.redb")));
+        let store = keel_store::open(&store_config)
+            .await
+            .context("cannot open the cluster store")?;
+        let admin_token_file = config.data_dir.join("admin.token");
+        let (auth, new_admin_token) = auth::Auth::load_or_create(&store, &admin_token_file).await?;
+        let state = api::ApiState {
+            apps: apps::Apps::new(store),
+            auth: Arc::new(auth),
+        };
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let app = api::router(state);
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        tracing::info!(%addr, "controller API listening");
+        Ok(Server {
+            addr,
+            new_admin_token,
+            admin_token_file,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Stops accepting, finishes in-flight requests, and closes the store.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(());
+        self.task.await.context("API task panicked")??;
+        Ok(())
+    }
+}

@@ -1,0 +1,113 @@
+//! What the controller keeps in the cluster store, and under which keys.
+//!
+//! Records are JSON (readable with `etcdctl get`, versioned by serde's
+//! strictness: an unknown field in a stored record is an error, not a
+//! silent loss). Wire types of the API are in `api`; these are the stored
+//! ones, and the two may diverge.
+
+use keel_manifest::AppManifest;
+use serde::{Deserialize, Serialize};
+
+/// Every key the controller writes starts with this.
+pub const ROOT: &str = "/keel/";
+
+pub mod keys {
+    pub fn admin_token() -> String {
+        "/keel/auth/admin".to_owned()
+    }
+    pub fn project(name: &str) -> String {
+        format!("/keel/projects/{name}")
+    }
+    pub fn projects() -> String {
+        "/keel/projects/".to_owned()
+    }
+    pub fn app(project: &str, app: &str) -> String {
+        format!("/keel/apps/{project}/{app}")
+    }
+    /// All apps, or the apps of one project.
+    pub fn apps(project: Option<&str>) -> String {
+        match project {
+            Some(project) => format!("/keel/apps/{project}/"),
+            None => "/keel/apps/".to_owned(),
+        }
+    }
+    /// Zero-padded so that key order is revision order.
+    pub fn revision(project: &str, app: &str, revision: u64) -> String {
+        format!("/keel/revisions/{project}/{app}/{revision:012}")
+    }
+    pub fn revisions(project: &str, app: &str) -> String {
+        format!("/keel/revisions/{project}/{app}/")
+    }
+    /// Events are keyed by the store revision just before the write that
+    /// makes them (so key order is time order), a random nonce (two writers
+    /// may read the same revision) and an index within the write.
+    pub fn event(sequence: u64, nonce: u32, index: usize) -> String {
+        format!("/keel/events/{sequence:016}-{nonce:08x}-{index:03}")
+    }
+    pub fn events() -> String {
+        "/keel/events/".to_owned()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminToken {
+    /// Hex SHA-256 of the token; the token itself is never stored.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectRecord {
+    pub name: String,
+    pub created_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppRecord {
+    pub project: String,
+    pub name: String,
+    /// The revision the app should run now.
+    pub revision: u64,
+    /// The highest revision number given out (rollback makes a new one).
+    pub latest_revision: u64,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case", tag = "kind")]
+pub enum RevisionCause {
+    Apply,
+    Rollback { to_revision: u64 },
+}
+
+/// One immutable revision of an app.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevisionRecord {
+    pub revision: u64,
+    pub created_at_ms: u64,
+    pub cause: RevisionCause,
+    pub manifest: AppManifest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventRecord {
+    pub time_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub project: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub app: Option<String>,
+    /// A short machine-readable word: `app-created`, `revision-created`, ...
+    pub reason: String,
+    pub message: String,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,363 @@
+//! The controller's API over real HTTP, on the embedded store (and on a
+//! real etcd for the store-unavailable case).
+
+#![allow(clippy::unwrap_used)] // tests may unwrap: a panic is their failure report
+
+use std::net::SocketAddr;
+
+use keel_controller::{Server, ServerConfig};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+struct Harness {
+    server: Option<Server>,
+    token: String,
+    client: reqwest::Client,
+    dir: tempfile::TempDir,
+}
+
+const APP: &str = "name: web\nproject: shop\nimage: keel/test-server:1\ninstances: 2\nports:\n  - name: http\n    port: 8080\n";
+
+impl Harness {
+    async fn start() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start(dir.path()).await;
+        let token = server
+            .new_admin_token
+            .as_ref()
+            .expect("first start makes a token")
+            .token
+            .clone();
+        Harness {
+            server: Some(server),
+            token,
+            client: reqwest::Client::new(),
+            dir,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.server.as_ref().unwrap().addr
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, &str)>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .client
+            .request(method, format!("http://{}{path}", self.addr()))
+            .bearer_auth(&self.token);
+        if let Some((content_type, body)) = body {
+            request = request
+                .header("content-type", content_type)
+                .body(body.to_owned());
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, path, None).await
+    }
+
+    async fn apply(&self, yaml: &str) -> (StatusCode, Value) {
+        self.call(Method::POST, "/v1/apps", Some(("application/yaml", yaml)))
+            .await
+    }
+}
+
+async fn start(dir: &std::path::Path) -> Server {
+    Server::start(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        store: None,
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn every_route_refuses_a_request_without_a_valid_token() {
+    let h = Harness::start().await;
+    for (method, path) in keel_controller::api::ROUTES {
+        for token in [None, Some("wrong"), Some("")] {
+            let mut request = h
+                .client
+                .request(method.clone(), format!("http://{}{path}", h.addr()));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.body("{}").send().await.unwrap();
+            assert_eq!(
+                response.status(),
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} with {token:?}"
+            );
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"], "unauthorized");
+        }
+    }
+}
+
+#[tokio::test]
+async fn apply_makes_revisions_only_for_changes_and_rollback_makes_a_new_one() {
+    let h = Harness::start().await;
+    let (status, body) = h.apply(APP).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(
+        (
+            body["created"].as_bool(),
+            body["revision"]["revision"].as_u64()
+        ),
+        (Some(true), Some(1))
+    );
+
+    let (status, body) = h.apply(APP).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body["changed"], false,
+        "an identical manifest makes no revision"
+    );
+    assert_eq!(body["app"]["revision"], 1);
+
+    let changed = APP.replace("instances: 2", "instances: 3");
+    let (_, body) = h.apply(&changed).await;
+    assert_eq!(
+        (body["changed"].as_bool(), body["app"]["revision"].as_u64()),
+        (Some(true), Some(2))
+    );
+
+    let (status, body) = h
+        .call(Method::POST, "/v1/projects/shop/apps/web/rollback", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["app"]["revision"], 3, "a rollback is a new revision");
+    assert_eq!(body["revision"]["cause"]["to_revision"], 1);
+    assert_eq!(body["revision"]["manifest"]["instances"], 2);
+
+    let (_, revisions) = h.get("/v1/projects/shop/apps/web/revisions").await;
+    assert_eq!(revisions.as_array().unwrap().len(), 3);
+    let (status, _) = h.get("/v1/projects/shop/apps/web/revisions/2").await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/v1/projects/shop/apps/web/rollback",
+            Some(("application/json", r#"{"revision": 9}"#)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/v1/projects/shop/apps/web/rollback",
+            Some(("application/json", r#"{"revision": 3}"#)),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "rolling back to the current revision: {body}"
+    );
+
+    let (_, events) = h.get("/v1/events?project=shop&app=web").await;
+    let reasons: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            "app-created",
+            "revision-created",
+            "revision-created",
+            "rollback"
+        ]
+    );
+
+    let (_, projects) = h.get("/v1/projects").await;
+    assert_eq!(
+        projects[0]["name"], "shop",
+        "the project was made on first apply"
+    );
+
+    let (status, _) = h
+        .call(Method::DELETE, "/v1/projects/shop/apps/web", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = h.get("/v1/projects/shop/apps/web").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (status, _) = h.get("/v1/projects/shop/apps/web/revisions/1").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "revisions go with the app");
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let h = Harness::start().await;
+    h.apply(APP).await;
+    let (_, before) = h.get("/v1/projects/shop/apps/web").await;
+
+    let bad = APP.replace("instances: 2", "instances: many\nsize: big");
+    let (status, body) = h.apply(&bad).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"], "invalid");
+    let problems = body["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 2, "every problem at once: {body}");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p["path"] == "instances" && p["line"] == 4),
+        "{body}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p["path"] == "size" && p["line"] == 5),
+        "{body}"
+    );
+
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/v1/apps",
+            Some(("application/json", "{\"name\": ")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    let huge = format!("{APP}# {}\n", "x".repeat(2 << 20));
+    let (status, body) = h.apply(&huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+
+    let (status, body) = h.get("/v1/projects/Not_A_Name/apps/web").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["problems"][0]["path"], "project");
+    let (status, _) = h.get("/v1/projects/shop/apps/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = h.get("/v1/apps?colour=red").await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "an unknown query parameter: {body}"
+    );
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/v1/projects",
+            Some(("application/json", r#"{"name":"ok","x":1}"#)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "an unknown field: {body}");
+    let (status, _) = h.get("/v1/nothing-here").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (_, after) = h.get("/v1/projects/shop/apps/web").await;
+    assert_eq!(before, after, "nothing changed");
+    let (_, revisions) = h.get("/v1/projects/shop/apps/web/revisions").await;
+    assert_eq!(revisions.as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_applies_lose_no_revision() {
+    let h = Harness::start().await;
+    h.apply(APP).await;
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let (client, addr, token) = (h.client.clone(), h.addr(), h.token.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = APP.replace("instances: 2", &format!("instances: {}", 10 + i));
+            let response = client
+                .post(format!("http://{addr}/v1/apps"))
+                .bearer_auth(token)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            response.status()
+        }));
+    }
+    let mut ok = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            StatusCode::OK => ok += 1,
+            StatusCode::CONFLICT => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    let (_, app) = h.get("/v1/projects/shop/apps/web").await;
+    assert_eq!(
+        app["app"]["latest_revision"],
+        1 + ok,
+        "one revision per acknowledged apply"
+    );
+    let (_, revisions) = h.get("/v1/projects/shop/apps/web/revisions").await;
+    assert_eq!(revisions.as_array().unwrap().len(), 1 + ok as usize);
+}
+
+#[tokio::test]
+async fn a_restart_keeps_state_and_the_token_and_prints_no_new_token() {
+    let mut h = Harness::start().await;
+    h.apply(APP).await;
+    let file = std::fs::read_to_string(h.dir.path().join("admin.token")).unwrap();
+    assert_eq!(file.trim(), h.token);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(h.dir.path().join("admin.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    h.server.take().unwrap().shutdown().await.unwrap();
+    let server = start(h.dir.path()).await;
+    assert!(server.new_admin_token.is_none(), "the token is made once");
+    h.server = Some(server);
+    let (status, body) = h.get("/v1/projects/shop/apps/web").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["revision"]["manifest"]["image"], "keel/test-server:1");
+}
+
+#[tokio::test]
+async fn an_unreachable_store_is_a_503_naming_it() {
+    let mut etcd = keel_testing::EtcdServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = keel_store::StoreConfig::etcd(vec![etcd.endpoint()]);
+    if let keel_store::Backend::Etcd(options) = &mut store.backend {
+        options.request_timeout = std::time::Duration::from_millis(1500);
+    }
+    let server = Server::start(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        store: Some(store),
+    })
+    .await
+    .unwrap();
+    let token = server.new_admin_token.as_ref().unwrap().token.clone();
+    etcd.kill();
+    let response = reqwest::Client::new()
+        .get(format!("http://{}/v1/apps", server.addr))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "unavailable");
+    assert!(
+        body["message"].as_str().unwrap().contains(&etcd.endpoint()),
+        "{body}"
+    );
+}
