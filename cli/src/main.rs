@@ -89,12 +89,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let store = (!args.etcd.is_empty()).then(|| StoreConfig::etcd(args.etcd.clone()));
-    let server = Server::start(ServerConfig {
-        listen: args.listen,
-        data_dir: args.data_dir.clone(),
-        store,
-    })
-    .await?;
+    let mut config = ServerConfig::new(args.listen, args.data_dir.clone());
+    config.store = store;
+    let server = Server::start(config).await?;
     println!("Keel API: http://{}", server.addr);
     match &server.new_admin_token {
         Some(new) => {
@@ -102,6 +99,14 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
             println!("  {}", new.token);
         }
         None => println!("Admin token: in {}", server.admin_token_file.display()),
+    }
+    match &server.new_join_token {
+        Some(new) => println!(
+            "Join token for agents (also in {}):\n  {}",
+            new.file.display(),
+            new.token
+        ),
+        None => println!("Join token: in {}", server.join_token_file.display()),
     }
     wait_for_signal().await?;
     println!("Stopping: finishing requests in flight");

@@ -49,23 +49,15 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, ApiError> {
 /// Checks a name used in a URL path the way the manifest checks names, so a
 /// bad name is a 400 and never becomes part of a store key.
 pub(crate) fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
-    let valid = !name.is_empty()
-        && name.len() <= 63
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && !name.ends_with('-')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::Invalid(vec![FieldProblem::new(
-            field,
-            format!(
-                "{name:?} is not a valid name: 1 to 63 lowercase letters, digits or '-', starting with a letter and not ending with '-'"
-            ),
-        )]))
+    if keel_manifest::is_dns_label(name) {
+        return Ok(());
     }
+    Err(ApiError::Invalid(vec![FieldProblem::new(
+        field,
+        format!(
+            "{name:?} is not a valid name: 1 to 63 lowercase letters, digits or '-', starting with a letter and not ending with '-'"
+        ),
+    )]))
 }
 
 fn event_ops(sequence: Revision, events: &[EventRecord]) -> Result<Vec<Op>, ApiError> {

@@ -1,6 +1,7 @@
-//! Bearer tokens. The admin token is made at the first start, printed once
-//! and written to a file only root can read; the store keeps its SHA-256,
-//! never the token.
+//! Bearer tokens. The admin and join tokens are made at the first start,
+//! printed once and written to files only their owner can read; the store
+//! keeps their SHA-256, never the tokens. Nodes get a credential of their
+//! own when they register.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,60 +15,83 @@ use crate::records::{AdminToken, keys};
 #[derive(Debug)]
 pub struct Auth {
     admin_sha256: String,
+    join_sha256: String,
 }
 
-/// The admin token when this start made it (the only time it is known).
+/// A token this start made (the only time it is known in clear).
 #[derive(Debug)]
-pub struct NewAdminToken {
+pub struct NewToken {
     pub token: String,
     pub file: PathBuf,
 }
 
-fn sha256_hex(token: &str) -> String {
+pub fn sha256_hex(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-impl Auth {
-    /// Loads the admin token's hash, making the token first if there is
-    /// none. The new token is written to `token_file` (mode 0600).
-    pub async fn load_or_create(
-        store: &Arc<dyn Store>,
-        token_file: &Path,
-    ) -> anyhow::Result<(Auth, Option<NewAdminToken>)> {
-        let key = keys::admin_token();
-        if let Some(kv) = store.get(&key).await? {
+/// A fresh random token with a prefix that says what it is for.
+pub fn new_token(kind: &str) -> anyhow::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| anyhow::anyhow!("no randomness for a {kind} token: {e}"))?;
+    Ok(format!("keel-{kind}-{}", hex::encode(bytes)))
+}
+
+/// Loads the hash of the token under `key`, making the token first (and
+/// writing it to `file`, mode 0600) if there is none.
+async fn load_or_create(
+    store: &Arc<dyn Store>,
+    key: &str,
+    kind: &str,
+    file: &Path,
+) -> anyhow::Result<(String, Option<NewToken>)> {
+    for _ in 0..3 {
+        if let Some(kv) = store.get(key).await? {
             let record: AdminToken = decode(&kv).map_err(|e| anyhow::anyhow!("{e}"))?;
-            return Ok((
-                Auth {
-                    admin_sha256: record.sha256,
-                },
-                None,
-            ));
+            return Ok((record.sha256, None));
         }
-        let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes)
-            .map_err(|e| anyhow::anyhow!("no randomness for the admin token: {e}"))?;
-        let token = format!("keel-admin-{}", hex::encode(bytes));
+        let token = new_token(kind)?;
         let record = AdminToken {
             sha256: sha256_hex(&token),
         };
-        let txn = Txn::new().when([Compare::missing(&key)]).and_then([Op::put(
-            &key,
-            encode(&record).map_err(|e| anyhow::anyhow!("{e}"))?,
-        )]);
-        if !store.txn(txn).await?.succeeded {
-            // Another controller made it first; use theirs.
-            return Box::pin(Self::load_or_create(store, token_file)).await;
+        let value = encode(&record).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let txn = Txn::new()
+            .when([Compare::missing(key)])
+            .and_then([Op::put(key, value)]);
+        if store.txn(txn).await?.succeeded {
+            write_secret(file, &token)?;
+            return Ok((
+                record.sha256,
+                Some(NewToken {
+                    token,
+                    file: file.to_path_buf(),
+                }),
+            ));
         }
-        write_secret(token_file, &token)?;
+        // Another controller made it first; read theirs.
+    }
+    anyhow::bail!("cannot create the {kind} token: the store keeps changing under {key}")
+}
+
+impl Auth {
+    /// Loads the admin and join tokens' hashes, making the tokens at the
+    /// first start.
+    pub async fn load_or_create(
+        store: &Arc<dyn Store>,
+        admin_file: &Path,
+        join_file: &Path,
+    ) -> anyhow::Result<(Auth, Option<NewToken>, Option<NewToken>)> {
+        let (admin_sha256, new_admin) =
+            load_or_create(store, &keys::admin_token(), "admin", admin_file).await?;
+        let (join_sha256, new_join) =
+            load_or_create(store, &keys::join_token(), "join", join_file).await?;
         Ok((
             Auth {
-                admin_sha256: record.sha256,
+                admin_sha256,
+                join_sha256,
             },
-            Some(NewAdminToken {
-                token,
-                file: token_file.to_path_buf(),
-            }),
+            new_admin,
+            new_join,
         ))
     }
 
@@ -75,6 +99,10 @@ impl Auth {
     /// token.
     pub fn is_admin(&self, token: &str) -> bool {
         sha256_hex(token) == self.admin_sha256
+    }
+
+    pub fn is_join(&self, token: &str) -> bool {
+        sha256_hex(token) == self.join_sha256
     }
 }
 

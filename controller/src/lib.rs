@@ -11,16 +11,18 @@
 pub mod api;
 pub mod apps;
 pub mod auth;
+pub mod nodes;
 pub mod records;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use keel_store::StoreConfig;
 
-pub use auth::NewAdminToken;
+pub use auth::NewToken;
 
 /// How to run a controller.
 #[derive(Debug, Clone)]
@@ -32,6 +34,20 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// The store; `None` is the embedded store in `data_dir/store.redb`.
     pub store: Option<StoreConfig>,
+    /// A node whose heartbeats stop for this long is lost (whole seconds).
+    pub node_lost_after: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults for everything but where to listen and keep files.
+    pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            listen,
+            data_dir: data_dir.into(),
+            store: None,
+            node_lost_after: Duration::from_secs(5),
+        }
+    }
 }
 
 /// A running controller. Dropping it does not stop it; call [`Server::shutdown`].
@@ -39,8 +55,11 @@ pub struct ServerConfig {
 pub struct Server {
     pub addr: SocketAddr,
     /// Set only on the start that made the admin token.
-    pub new_admin_token: Option<NewAdminToken>,
+    pub new_admin_token: Option<NewToken>,
     pub admin_token_file: PathBuf,
+    /// Set only on the start that made the join token.
+    pub new_join_token: Option<NewToken>,
+    pub join_token_file: PathBuf,
     shutdown: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -61,9 +80,12 @@ impl Server {
             .await
             .context("cannot open the cluster store")?;
         let admin_token_file = config.data_dir.join("admin.token");
-        let (auth, new_admin_token) = auth::Auth::load_or_create(&store, &admin_token_file).await?;
+        let join_token_file = config.data_dir.join("join.token");
+        let (auth, new_admin_token, new_join_token) =
+            auth::Auth::load_or_create(&store, &admin_token_file, &join_token_file).await?;
         let state = api::ApiState {
-            apps: apps::Apps::new(store),
+            apps: apps::Apps::new(store.clone()),
+            nodes: Arc::new(nodes::Nodes::new(store, config.node_lost_after)),
             auth: Arc::new(auth),
         };
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -84,6 +106,8 @@ impl Server {
             addr,
             new_admin_token,
             admin_token_file,
+            new_join_token,
+            join_token_file,
             shutdown,
             task,
         })

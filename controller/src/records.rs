@@ -15,6 +15,23 @@ pub mod keys {
     pub fn admin_token() -> String {
         "/keel/auth/admin".to_owned()
     }
+    pub fn join_token() -> String {
+        "/keel/auth/join".to_owned()
+    }
+    pub fn node(name: &str) -> String {
+        format!("/keel/nodes/{name}")
+    }
+    pub fn nodes() -> String {
+        "/keel/nodes/".to_owned()
+    }
+    /// Present while the node heartbeats: attached to a lease that each
+    /// heartbeat renews, so the store deletes it when heartbeats stop.
+    pub fn alive(name: &str) -> String {
+        format!("/keel/alive/{name}")
+    }
+    pub fn alive_prefix() -> String {
+        "/keel/alive/".to_owned()
+    }
     pub fn project(name: &str) -> String {
         format!("/keel/projects/{name}")
     }
@@ -54,6 +71,36 @@ pub mod keys {
 pub struct AdminToken {
     /// Hex SHA-256 of the token; the token itself is never stored.
     pub sha256: String,
+}
+
+/// What a node is and offers, as its agent registered it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRecord {
+    pub name: String,
+    pub region: String,
+    pub zone: String,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub roles: std::collections::BTreeSet<String>,
+    pub capacity: NodeCapacity,
+    /// Where the node's published ports are reached from other nodes.
+    pub address: String,
+    /// An operator asked for no new work here.
+    #[serde(default)]
+    pub draining: bool,
+    /// Hex SHA-256 of the node's credential.
+    pub token_sha256: String,
+    pub registered_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeCapacity {
+    pub cpu_millis: u64,
+    pub memory_mb: u64,
+    pub max_instances: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

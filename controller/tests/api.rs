@@ -12,6 +12,7 @@ use serde_json::Value;
 struct Harness {
     server: Option<Server>,
     token: String,
+    join_token: String,
     client: reqwest::Client,
     dir: tempfile::TempDir,
 }
@@ -28,9 +29,16 @@ impl Harness {
             .expect("first start makes a token")
             .token
             .clone();
+        let join_token = server
+            .new_join_token
+            .as_ref()
+            .expect("and a join token")
+            .token
+            .clone();
         Harness {
             server: Some(server),
             token,
+            join_token,
             client: reqwest::Client::new(),
             dir,
         }
@@ -46,10 +54,20 @@ impl Harness {
         path: &str,
         body: Option<(&str, &str)>,
     ) -> (StatusCode, Value) {
+        self.call_as(&self.token, method, path, body).await
+    }
+
+    async fn call_as(
+        &self,
+        token: &str,
+        method: Method,
+        path: &str,
+        body: Option<(&str, &str)>,
+    ) -> (StatusCode, Value) {
         let mut request = self
             .client
             .request(method, format!("http://{}{path}", self.addr()))
-            .bearer_auth(&self.token);
+            .bearer_auth(token);
         if let Some((content_type, body)) = body {
             request = request
                 .header("content-type", content_type)
@@ -75,13 +93,9 @@ impl Harness {
 }
 
 async fn start(dir: &std::path::Path) -> Server {
-    Server::start(ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.to_path_buf(),
-        store: None,
-    })
-    .await
-    .unwrap()
+    let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir);
+    config.node_lost_after = std::time::Duration::from_secs(1);
+    Server::start(config).await.unwrap()
 }
 
 #[tokio::test]
@@ -338,13 +352,9 @@ async fn an_unreachable_store_is_a_503_naming_it() {
     if let keel_store::Backend::Etcd(options) = &mut store.backend {
         options.request_timeout = std::time::Duration::from_millis(1500);
     }
-    let server = Server::start(ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
-        store: Some(store),
-    })
-    .await
-    .unwrap();
+    let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path());
+    config.store = Some(store);
+    let server = Server::start(config).await.unwrap();
     let token = server.new_admin_token.as_ref().unwrap().token.clone();
     etcd.kill();
     let response = reqwest::Client::new()
@@ -360,4 +370,155 @@ async fn an_unreachable_store_is_a_503_naming_it() {
         body["message"].as_str().unwrap().contains(&etcd.endpoint()),
         "{body}"
     );
+}
+
+fn registration(name: &str, zone: &str) -> String {
+    format!(
+        r#"{{"name":"{name}","region":"eu","zone":"{zone}","labels":{{"disk":"ssd"}},"roles":["worker"],"capacity":{{"cpu_millis":4000,"memory_mb":8192,"max_instances":50}},"address":"127.0.0.2"}}"#
+    )
+}
+
+#[tokio::test]
+async fn nodes_register_with_the_join_token_heartbeat_drain_and_get_lost() {
+    let h = Harness::start().await;
+    let json = "application/json";
+    let (status, body) = h
+        .call_as(
+            "wrong",
+            Method::POST,
+            "/v1/nodes",
+            Some((json, &registration("n1", "eu-a"))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, body) = h
+        .call_as(
+            &h.join_token,
+            Method::POST,
+            "/v1/nodes",
+            Some((json, &registration("n1", "eu-a"))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let n1_token = body["token"].as_str().unwrap().to_owned();
+    assert_eq!(body["node"]["status"], "ready");
+    assert_ne!(n1_token, h.join_token);
+    let (_, body) = h
+        .call_as(
+            &h.join_token,
+            Method::POST,
+            "/v1/nodes",
+            Some((json, &registration("n2", "eu-b"))),
+        )
+        .await;
+    let n2_token = body["token"].as_str().unwrap().to_owned();
+
+    let (status, _) = h
+        .call_as(&n1_token, Method::POST, "/v1/nodes/n1/heartbeat", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = h
+        .call_as(&n2_token, Method::POST, "/v1/nodes/n1/heartbeat", None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a node cannot heartbeat for another"
+    );
+    let (status, _) = h.call_as(&n1_token, Method::GET, "/v1/nodes", None).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a node credential is not an admin token"
+    );
+
+    let (_, body) = h.call(Method::POST, "/v1/nodes/n1/drain", None).await;
+    assert_eq!(body["status"], "draining");
+    let (_, body) = h.call(Method::POST, "/v1/nodes/n1/undrain", None).await;
+    assert_eq!(body["status"], "ready");
+    let (status, _) = h.call(Method::POST, "/v1/nodes/ghost/drain", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // n1 keeps beating, n2 falls silent: only n2 is lost.
+    for _ in 0..8 {
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        h.call_as(&n1_token, Method::POST, "/v1/nodes/n1/heartbeat", None)
+            .await;
+    }
+    let (_, nodes) = h.get("/v1/nodes").await;
+    let statuses: Vec<(&str, &str)> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["name"].as_str().unwrap(), n["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(statuses, vec![("n1", "ready"), ("n2", "lost")]);
+    let (_, body) = h
+        .call_as(&n2_token, Method::POST, "/v1/nodes/n2/heartbeat", None)
+        .await;
+    assert_eq!(
+        body["status"], "ready",
+        "a heartbeat brings a lost node back"
+    );
+
+    // Re-registering replaces the credential and keeps the drain.
+    h.call(Method::POST, "/v1/nodes/n1/drain", None).await;
+    let (_, body) = h
+        .call_as(
+            &h.join_token,
+            Method::POST,
+            "/v1/nodes",
+            Some((json, &registration("n1", "eu-a"))),
+        )
+        .await;
+    assert_eq!(body["node"]["status"], "draining");
+    let (status, _) = h
+        .call_as(&n1_token, Method::POST, "/v1/nodes/n1/heartbeat", None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the old credential stops working"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_registration_lists_every_problem_and_registers_nothing() {
+    let h = Harness::start().await;
+    let bad = r#"{"name":"Bad_Name","region":"eu","zone":"","capacity":{"cpu_millis":0,"memory_mb":1,"max_instances":5},"address":"somewhere"}"#;
+    let (status, body) = h
+        .call_as(
+            &h.join_token,
+            Method::POST,
+            "/v1/nodes",
+            Some(("application/json", bad)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let paths: Vec<&str> = body["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        vec!["name", "zone", "capacity.cpu_millis", "address"]
+    );
+    let unknown = registration("n1", "a").replace("\"roles\"", "\"rolez\"");
+    let (status, body) = h
+        .call_as(
+            &h.join_token,
+            Method::POST,
+            "/v1/nodes",
+            Some(("application/json", &unknown)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["message"].as_str().unwrap().contains("rolez"),
+        "{body}"
+    );
+    let (_, nodes) = h.get("/v1/nodes").await;
+    assert_eq!(nodes, serde_json::json!([]));
 }

@@ -459,10 +459,10 @@ impl Cx {
         let Some(entries) = node.and_then(|n| self.entries(n, "env")) else {
             return env;
         };
-        for (key, _, value) in entries {
+        for (key, key_pos, value) in entries {
             let path = child("env", key);
             if let Err(message) = names::env_name(key) {
-                self.report(&path, value.pos, message);
+                self.report(&path, key_pos, message);
                 continue;
             }
             if let Some(text) = self.text(value, &path) {

@@ -55,7 +55,7 @@ env:
             (15, 11, "routes[0].port"),
             (19, 12, "health.timeout"),
             (24, 14, "placement.constraints[0].value"),
-            (26, 9, "env.1BAD"),
+            (26, 3, "env.1BAD"),
         ]
     );
     assert_eq!(
@@ -69,7 +69,7 @@ env:
 15:11: routes[0].port: no port named \"htpp\"; the app's ports are http, admin
 19:12: health.timeout: must be shorter than interval (5s), got 10s
 24:14: placement.constraints[0].value: invalid regex: unclosed group
-26:9: env.1BAD: environment variable names must match [A-Za-z_][A-Za-z0-9_]*, got \"1BAD\""
+26:3: env.1BAD: environment variable names must match [A-Za-z_][A-Za-z0-9_]*, got \"1BAD\""
     );
 }
 

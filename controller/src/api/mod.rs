@@ -23,6 +23,7 @@ pub use error::{ApiError, FieldProblem};
 
 use crate::apps::Apps;
 use crate::auth::Auth;
+use crate::nodes::{Nodes, Registration};
 
 /// Request bodies larger than this are refused with 413.
 pub const BODY_LIMIT_BYTES: usize = 1 << 20;
@@ -41,11 +42,18 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Method::GET, "/v1/projects/p/apps/a/revisions/1"),
     (Method::POST, "/v1/projects/p/apps/a/rollback"),
     (Method::GET, "/v1/events"),
+    (Method::POST, "/v1/nodes"),
+    (Method::GET, "/v1/nodes"),
+    (Method::GET, "/v1/nodes/n"),
+    (Method::POST, "/v1/nodes/n/heartbeat"),
+    (Method::POST, "/v1/nodes/n/drain"),
+    (Method::POST, "/v1/nodes/n/undrain"),
 ];
 
 #[derive(Debug, Clone)]
 pub struct ApiState {
     pub apps: Apps,
+    pub nodes: Arc<Nodes>,
     pub auth: Arc<Auth>,
 }
 
@@ -68,10 +76,27 @@ pub fn router(state: ApiState) -> axum::Router {
         )
         .route("/v1/projects/{project}/apps/{app}/rollback", post(rollback))
         .route("/v1/events", get(list_events))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{node}", get(show_node))
+        .route("/v1/nodes/{node}/drain", post(drain_node))
+        .route("/v1/nodes/{node}/undrain", post(undrain_node))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    v1.fallback(|| async { ApiError::NotFound("route".into()) })
+    // Agents authenticate with the join token, then their node credential.
+    let agents = axum::Router::new()
+        .route("/v1/nodes", post(register_node))
+        .route("/v1/nodes/{node}/heartbeat", post(heartbeat));
+    v1.merge(agents)
+        .fallback(|| async { ApiError::NotFound("route".into()) })
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .with_state(state)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
 }
 
 async fn require_token(
@@ -79,13 +104,8 @@ async fn require_token(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let token = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
-    match token {
-        Some(token) if state.auth.is_admin(token.trim()) => Ok(next.run(request).await),
+    match bearer(request.headers()) {
+        Some(token) if state.auth.is_admin(token) => Ok(next.run(request).await),
         _ => Err(ApiError::Unauthorized),
     }
 }
@@ -299,4 +319,56 @@ async fn list_events(
         .events(query.project.as_deref(), query.app.as_deref(), limit)
         .await?;
     Ok(Json(events).into_response())
+}
+
+async fn register_node(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    match bearer(&headers) {
+        Some(token) if state.auth.is_join(token) || state.auth.is_admin(token) => {}
+        _ => return Err(ApiError::Unauthorized),
+    }
+    let registration: Registration = json_body(&body(raw)?)?;
+    let registered = state.nodes.register(registration).await?;
+    Ok((StatusCode::CREATED, Json(registered)).into_response())
+}
+
+async fn heartbeat(
+    State(state): State<ApiState>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let token = bearer(&headers).ok_or(ApiError::Unauthorized)?;
+    if !state.auth.is_admin(token) {
+        state.nodes.authenticate(&node, token).await?;
+    }
+    state.nodes.heartbeat_alive(&node).await?;
+    Ok(Json(state.nodes.show(&node).await?).into_response())
+}
+
+async fn list_nodes(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    Ok(Json(state.nodes.list().await?).into_response())
+}
+
+async fn show_node(
+    State(state): State<ApiState>,
+    Path(node): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.nodes.show(&node).await?).into_response())
+}
+
+async fn drain_node(
+    State(state): State<ApiState>,
+    Path(node): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.nodes.set_draining(&node, true).await?).into_response())
+}
+
+async fn undrain_node(
+    State(state): State<ApiState>,
+    Path(node): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.nodes.set_draining(&node, false).await?).into_response())
 }
