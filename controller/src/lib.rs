@@ -11,7 +11,9 @@
 pub mod api;
 pub mod apps;
 pub mod auth;
+pub mod instances;
 pub mod nodes;
+pub mod reconcile;
 pub mod records;
 
 use std::net::SocketAddr;
@@ -62,6 +64,7 @@ pub struct Server {
     pub join_token_file: PathBuf,
     shutdown: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    reconciler: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
@@ -85,7 +88,7 @@ impl Server {
             auth::Auth::load_or_create(&store, &admin_token_file, &join_token_file).await?;
         let state = api::ApiState {
             apps: apps::Apps::new(store.clone()),
-            nodes: Arc::new(nodes::Nodes::new(store, config.node_lost_after)),
+            nodes: Arc::new(nodes::Nodes::new(store.clone(), config.node_lost_after)),
             auth: Arc::new(auth),
         };
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -93,6 +96,7 @@ impl Server {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let reconciler = reconcile::Reconciler::new(store).spawn(Duration::from_secs(1));
         let app = api::router(state);
         let task = tokio::spawn(async move {
             axum::serve(listener, app)
@@ -110,6 +114,7 @@ impl Server {
             join_token_file,
             shutdown,
             task,
+            reconciler,
         })
     }
 
@@ -117,6 +122,8 @@ impl Server {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(());
         self.task.await.context("API task panicked")??;
+        self.reconciler.abort();
+        let _ = self.reconciler.await;
         Ok(())
     }
 }
