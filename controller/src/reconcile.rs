@@ -129,6 +129,52 @@ fn node_status(node: &NodeRecord, alive: &BTreeSet<String>) -> scheduler::NodeSt
     }
 }
 
+/// The instances of one app that stay, sorted into placed and waiting.
+#[derive(Default)]
+struct Kept {
+    count: usize,
+    placed: usize,
+    /// With their mod revision; `None` for those created in this pass.
+    unplaced: Vec<(InstanceRecord, Option<Revision>)>,
+}
+
+impl Kept {
+    fn keep(&mut self, record: InstanceRecord, mod_revision: Revision) {
+        self.count += 1;
+        if record.node.is_some() {
+            self.placed += 1;
+        } else {
+            self.unplaced.push((record, Some(mod_revision)));
+        }
+    }
+
+    fn create(&mut self, record: InstanceRecord) {
+        self.count += 1;
+        self.unplaced.push((record, None));
+    }
+}
+
+/// Deletes an instance and frees what it held in the scheduler's view.
+fn remove(
+    cluster: &mut scheduler::Cluster,
+    request: &scheduler::AppRequest,
+    out: &mut Plan,
+    record: InstanceRecord,
+    mod_revision: Revision,
+) {
+    if let Some(node) = &record.node {
+        let _ = cluster.release(
+            &request.app,
+            &scheduler::NodeId::new(node.as_str()),
+            request.resources,
+        );
+    }
+    out.changes.push(Change::Delete {
+        record,
+        mod_revision,
+    });
+}
+
 /// Decides one pass. `new_id` names new instances (random in production,
 /// predictable in tests).
 pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan {
@@ -225,11 +271,7 @@ pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan 
             created_at_ms: now_ms(),
             pending_reason: None,
         };
-        // Instances of this app waiting for a node, with their mod revision
-        // (None: created in this pass).
-        let mut unplaced: Vec<(InstanceRecord, Option<Revision>)> = Vec::new();
-        let mut kept_current = 0usize;
-        let mut placed_current = 0usize;
+        let mut kept = Kept::default();
         let wanted = match manifest.instances {
             Instances::Count(n) => {
                 let wanted = n as usize;
@@ -239,28 +281,13 @@ pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan 
                     .sort_by_key(|(i, _)| (i.node.is_some(), std::cmp::Reverse(i.created_at_ms)));
                 let surplus = current.len().saturating_sub(wanted);
                 for (record, mod_revision) in current.drain(..surplus) {
-                    if let Some(node) = &record.node {
-                        let _ = cluster.release(
-                            &request.app,
-                            &scheduler::NodeId::new(node.as_str()),
-                            request.resources,
-                        );
-                    }
-                    out.changes.push(Change::Delete {
-                        record,
-                        mod_revision,
-                    });
+                    remove(&mut cluster, &request, &mut out, record, mod_revision);
                 }
                 for (record, mod_revision) in current {
-                    kept_current += 1;
-                    if record.node.is_some() {
-                        placed_current += 1;
-                    } else {
-                        unplaced.push((record, Some(mod_revision)));
-                    }
+                    kept.keep(record, mod_revision);
                 }
-                for _ in kept_current..wanted {
-                    unplaced.push((new_instance(new_id(app.revision), None), None));
+                while kept.count < wanted {
+                    kept.create(new_instance(new_id(app.revision), None));
                 }
                 wanted
             }
@@ -274,38 +301,23 @@ pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan 
                 for (record, mod_revision) in current {
                     let pinned = record.pinned_node.clone().unwrap_or_default();
                     if eligible.contains(&pinned) && covered.insert(pinned) {
-                        kept_current += 1;
-                        if record.node.is_some() {
-                            placed_current += 1;
-                        } else {
-                            unplaced.push((record, Some(mod_revision)));
-                        }
+                        kept.keep(record, mod_revision);
                     } else {
-                        if let Some(node) = &record.node {
-                            let _ = cluster.release(
-                                &request.app,
-                                &scheduler::NodeId::new(node.as_str()),
-                                request.resources,
-                            );
-                        }
-                        out.changes.push(Change::Delete {
-                            record,
-                            mod_revision,
-                        });
+                        remove(&mut cluster, &request, &mut out, record, mod_revision);
                     }
                 }
                 for node in eligible.difference(&covered) {
-                    unplaced.push((new_instance(new_id(app.revision), Some(node.clone())), None));
-                    kept_current += 1;
+                    kept.create(new_instance(new_id(app.revision), Some(node.clone())));
                 }
-                kept_current
+                kept.count
             }
         };
+        let mut placed_current = kept.placed;
 
         // Reasons that are new for some instance, counted, so that a pass
         // makes one event per app and reason rather than one per instance.
         let mut newly_pending: BTreeMap<String, usize> = BTreeMap::new();
-        for (mut record, mod_revision) in unplaced {
+        for (mut record, mod_revision) in kept.unplaced {
             let placed = match &record.pinned_node {
                 Some(node) => cluster
                     .place_on(&request, &scheduler::NodeId::new(node.as_str()))
