@@ -27,7 +27,7 @@ pub struct Apps {
 }
 
 /// What an apply did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Applied {
     pub app: AppRecord,
     pub revision: RevisionRecord,
@@ -40,6 +40,24 @@ pub struct Applied {
 pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ApiError> {
     serde_json::from_slice(&kv.value)
         .map_err(|e| ApiError::Internal(format!("stored record {} does not decode: {e}", kv.key)))
+}
+
+/// Every record under a prefix, with the mod revision it was read at, page
+/// by page.
+pub(crate) async fn list_records<T: DeserializeOwned>(
+    store: &dyn Store,
+    prefix: &str,
+) -> Result<Vec<(T, Revision)>, ApiError> {
+    let mut out = Vec::new();
+    let mut request = Some(RangeRequest::prefix(prefix).limit(1000));
+    while let Some(current) = request {
+        let page = store.range(&current).await?;
+        for kv in &page.kvs {
+            out.push((decode(kv)?, kv.mod_revision));
+        }
+        request = page.next(&current);
+    }
+    Ok(out)
 }
 
 pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, ApiError> {
@@ -90,16 +108,8 @@ impl Apps {
     }
 
     async fn list<T: DeserializeOwned>(&self, prefix: String) -> Result<Vec<T>, ApiError> {
-        let mut out = Vec::new();
-        let mut request = Some(RangeRequest::prefix(prefix).limit(500));
-        while let Some(current) = request {
-            let page = self.store.range(&current).await?;
-            for kv in &page.kvs {
-                out.push(decode(kv)?);
-            }
-            request = page.next(&current);
-        }
-        Ok(out)
+        let records = list_records(self.store.as_ref(), &prefix).await?;
+        Ok(records.into_iter().map(|(record, _)| record).collect())
     }
 
     /// Writes `ops` plus the events, with the events keyed after the store's

@@ -16,12 +16,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::api::{ApiError, FieldProblem};
-use crate::apps::{check_name, decode, encode};
+use crate::apps::{check_name, decode, encode, list_records};
 use crate::auth::{new_token, sha256_hex};
 use crate::records::{NodeCapacity, NodeRecord, keys, now_ms};
 
 /// What an agent sends to join.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Registration {
     pub name: String,
@@ -37,7 +37,7 @@ pub struct Registration {
 
 /// A node as the API shows it: its record without the credential, and its
 /// status.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct NodeView {
     pub name: String,
     pub region: String,
@@ -47,11 +47,12 @@ pub struct NodeView {
     pub capacity: NodeCapacity,
     pub address: String,
     /// `ready`, `draining` or `lost`.
+    #[schema(schema_with = crate::api::openapi::node_status)]
     pub status: &'static str,
     pub registered_at_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Registered {
     pub node: NodeView,
     /// The node's credential for heartbeats and streams; shown only here.
@@ -234,26 +235,16 @@ impl Nodes {
     }
 
     pub async fn list(&self) -> Result<Vec<NodeView>, ApiError> {
-        let alive: std::collections::BTreeSet<String> = self
-            .store
-            .range(&RangeRequest::prefix(keys::alive_prefix()))
-            .await?
-            .kvs
+        let alive = alive_nodes(self.store.as_ref()).await?;
+        let records: Vec<(NodeRecord, _)> =
+            list_records(self.store.as_ref(), &keys::nodes()).await?;
+        Ok(records
             .into_iter()
-            .map(|kv| kv.key.trim_start_matches(&keys::alive_prefix()).to_owned())
-            .collect();
-        let mut out = Vec::new();
-        let mut request = Some(RangeRequest::prefix(keys::nodes()).limit(500));
-        while let Some(current) = request {
-            let page = self.store.range(&current).await?;
-            for kv in &page.kvs {
-                let record: NodeRecord = decode(kv)?;
+            .map(|(record, _)| {
                 let is_alive = alive.contains(&record.name);
-                out.push(view(record, is_alive));
-            }
-            request = page.next(&current);
-        }
-        Ok(out)
+                view(record, is_alive)
+            })
+            .collect())
     }
 
     /// Marks a node (un)draining: a draining node gets no new instances.
@@ -283,6 +274,19 @@ impl Nodes {
             "node {name} keeps changing; try again"
         )))
     }
+}
+
+/// The names of the nodes whose heartbeats are current.
+pub(crate) async fn alive_nodes(
+    store: &dyn Store,
+) -> Result<std::collections::BTreeSet<String>, ApiError> {
+    let prefix = keys::alive_prefix();
+    let page = store.range(&RangeRequest::prefix(&prefix)).await?;
+    Ok(page
+        .kvs
+        .into_iter()
+        .map(|kv| kv.key.trim_start_matches(&prefix).to_owned())
+        .collect())
 }
 
 fn view(record: NodeRecord, alive: bool) -> NodeView {

@@ -27,12 +27,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use keel_manifest::{AppManifest, ConstraintOp, Instances};
 use keel_scheduler as scheduler;
-use keel_store::{Compare, CompareOp, Op, RangeRequest, Revision, Store, Txn};
-use serde::de::DeserializeOwned;
+use keel_store::{Compare, CompareOp, Op, Revision, Store, Txn};
 
 use crate::api::ApiError;
-use crate::apps::{decode, encode};
+use crate::apps::{decode, encode, list_records};
 use crate::instances::{InstanceRecord, keys as instance_keys};
+use crate::nodes::alive_nodes;
 use crate::records::{AppRecord, EventRecord, NodeRecord, RevisionRecord, keys, now_ms};
 
 /// Everything a pass decides from.
@@ -386,22 +386,6 @@ pub struct Reconciler {
     store: Arc<dyn Store>,
 }
 
-async fn list<T: DeserializeOwned>(
-    store: &dyn Store,
-    prefix: &str,
-) -> Result<Vec<(T, Revision)>, ApiError> {
-    let mut out = Vec::new();
-    let mut request = Some(RangeRequest::prefix(prefix).limit(1000));
-    while let Some(current) = request {
-        let page = store.range(&current).await?;
-        for kv in &page.kvs {
-            out.push((decode(kv)?, kv.mod_revision));
-        }
-        request = page.next(&current);
-    }
-    Ok(out)
-}
-
 fn random_id(revision: u64) -> String {
     let suffix = getrandom::u32().unwrap_or_else(|_| now_ms() as u32);
     format!("{revision}-{suffix:08x}")
@@ -414,7 +398,7 @@ impl Reconciler {
 
     pub async fn snapshot(&self) -> Result<Snapshot, ApiError> {
         let store = self.store.as_ref();
-        let apps: Vec<(AppRecord, Revision)> = list(store, &keys::apps(None)).await?;
+        let apps: Vec<(AppRecord, Revision)> = list_records(store, &keys::apps(None)).await?;
         let mut with_revisions = Vec::with_capacity(apps.len());
         for (app, _) in apps {
             let kv = store
@@ -425,17 +409,11 @@ impl Reconciler {
                 with_revisions.push((app, decode(&kv)?));
             }
         }
-        let alive = store
-            .range(&RangeRequest::prefix(keys::alive_prefix()))
-            .await?
-            .kvs
-            .into_iter()
-            .map(|kv| kv.key.trim_start_matches(&keys::alive_prefix()).to_owned())
-            .collect();
+        let alive = alive_nodes(store).await?;
         Ok(Snapshot {
             apps: with_revisions,
-            instances: list(store, &instance_keys::instances(None)).await?,
-            nodes: list::<NodeRecord>(store, &keys::nodes())
+            instances: list_records(store, &instance_keys::instances(None)).await?,
+            nodes: list_records::<NodeRecord>(store, &keys::nodes())
                 .await?
                 .into_iter()
                 .map(|(n, _)| n)

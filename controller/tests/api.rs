@@ -101,7 +101,7 @@ async fn start(dir: &std::path::Path) -> Server {
 #[tokio::test]
 async fn every_route_refuses_a_request_without_a_valid_token() {
     let h = Harness::start().await;
-    for (method, path) in keel_controller::api::ROUTES {
+    for (method, path, _template) in keel_controller::api::ROUTES {
         for token in [None, Some("wrong"), Some("")] {
             let mut request = h
                 .client
@@ -441,6 +441,20 @@ async fn nodes_register_with_the_join_token_heartbeat_drain_and_get_lost() {
     assert_eq!(body["status"], "ready");
     let (status, _) = h.call(Method::POST, "/v1/nodes/ghost/drain", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = h
+        .call(Method::POST, "/v1/nodes/ghost/heartbeat", None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "no heartbeat for a node that does not exist"
+    );
+    let (_, nodes) = h.get("/v1/nodes").await;
+    assert_eq!(
+        nodes.as_array().unwrap().len(),
+        2,
+        "nor does one get registered"
+    );
 
     // n1 keeps beating, n2 falls silent: only n2 is lost.
     for _ in 0..8 {

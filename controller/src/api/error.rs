@@ -5,15 +5,22 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use keel_store::StoreError;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 /// One problem with a request, by field path (and, for manifests, line and
 /// column in the text the user sent).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct FieldProblem {
+    /// Where the problem is: a field path such as `ports[1].port`, or
+    /// `body`, `query` or a path parameter's name.
     pub path: String,
+    /// 1-based line in the request body, when the problem has a place there.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub line: Option<usize>,
+    /// 1-based column in the request body, beside `line`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub column: Option<usize>,
     pub message: String,
 }
@@ -71,19 +78,34 @@ impl ApiError {
         }
     }
 
-    /// A stable word for scripts, beside the human message.
-    fn code(&self) -> &'static str {
+    fn code(&self) -> ErrorCode {
         match self {
-            ApiError::Invalid(_) => "invalid",
-            ApiError::Unauthorized => "unauthorized",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::Conflict(_) => "conflict",
-            ApiError::Unprocessable(_) => "unprocessable",
-            ApiError::TooLarge { .. } => "too_large",
-            ApiError::Unavailable(_) => "unavailable",
-            ApiError::Internal(_) => "internal",
+            ApiError::Invalid(_) => ErrorCode::Invalid,
+            ApiError::Unauthorized => ErrorCode::Unauthorized,
+            ApiError::NotFound(_) => ErrorCode::NotFound,
+            ApiError::Conflict(_) => ErrorCode::Conflict,
+            ApiError::Unprocessable(_) => ErrorCode::Unprocessable,
+            ApiError::TooLarge { .. } => ErrorCode::TooLarge,
+            ApiError::Unavailable(_) => ErrorCode::Unavailable,
+            ApiError::Internal(_) => ErrorCode::Internal,
         }
     }
+}
+
+/// A stable word for scripts, beside the human message.
+// An enum rather than strings so that the OpenAPI document lists exactly
+// the words that are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    Invalid,
+    Unauthorized,
+    NotFound,
+    Conflict,
+    Unprocessable,
+    TooLarge,
+    Unavailable,
+    Internal,
 }
 
 impl From<StoreError> for ApiError {
@@ -96,11 +118,15 @@ impl From<StoreError> for ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
+/// The body of every error response.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody<'a> {
+    error: ErrorCode,
+    /// What went wrong, for people.
     message: String,
+    /// Every problem found with the request (400 only; absent otherwise).
     #[serde(skip_serializing_if = "<[FieldProblem]>::is_empty")]
+    #[schema(value_type = Vec<FieldProblem>)]
     problems: &'a [FieldProblem],
 }
 

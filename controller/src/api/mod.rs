@@ -3,8 +3,13 @@
 //! Handlers only translate: they read the request (path, query, body), call
 //! the logic, and turn the result into JSON. Every failure is an
 //! [`ApiError`], mapped to a status in `error.rs` and nowhere else.
+//!
+//! Each handler's `#[utoipa::path]` is both its route (the router is built
+//! from them with `routes!`) and its entry in the OpenAPI document (see
+//! `openapi.rs`).
 
 mod error;
+pub(crate) mod openapi;
 
 use std::sync::Arc;
 
@@ -15,40 +20,83 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use keel_manifest::Format;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use error::{ApiError, FieldProblem};
+pub use openapi::openapi_json;
 
-use crate::apps::Apps;
+use crate::apps::{Applied, Apps};
 use crate::auth::Auth;
-use crate::nodes::{Nodes, Registration};
+use crate::nodes::{NodeView, Nodes, Registered, Registration};
+use crate::records::{AppRecord, EventRecord, ProjectRecord, RevisionRecord};
+use error::ErrorBody;
+use openapi::{Internal, TooLarge, Unauthorized, Unavailable};
 
 /// Request bodies larger than this are refused with 413.
 pub const BODY_LIMIT_BYTES: usize = 1 << 20;
 
-/// Every route of the API, for the test that proves each one requires a
-/// token. Keep in step with [`router`].
-pub const ROUTES: &[(Method, &str)] = &[
-    (Method::GET, "/v1/projects"),
-    (Method::POST, "/v1/projects"),
-    (Method::GET, "/v1/projects/p"),
-    (Method::GET, "/v1/apps"),
-    (Method::POST, "/v1/apps"),
-    (Method::GET, "/v1/projects/p/apps/a"),
-    (Method::DELETE, "/v1/projects/p/apps/a"),
-    (Method::GET, "/v1/projects/p/apps/a/revisions"),
-    (Method::GET, "/v1/projects/p/apps/a/revisions/1"),
-    (Method::POST, "/v1/projects/p/apps/a/rollback"),
-    (Method::GET, "/v1/events"),
-    (Method::POST, "/v1/nodes"),
-    (Method::GET, "/v1/nodes"),
-    (Method::GET, "/v1/nodes/n"),
-    (Method::POST, "/v1/nodes/n/heartbeat"),
-    (Method::POST, "/v1/nodes/n/drain"),
-    (Method::POST, "/v1/nodes/n/undrain"),
+/// Every route of the API: its method, a concrete path that reaches it,
+/// and its path template as the router and the OpenAPI document write it.
+/// The tests prove that each one requires a token and that the document
+/// has exactly these. Keep in step with `admin_routes` and
+/// `agent_routes`.
+pub const ROUTES: &[(Method, &str, &str)] = &[
+    (Method::GET, "/v1/projects", "/v1/projects"),
+    (Method::POST, "/v1/projects", "/v1/projects"),
+    (Method::GET, "/v1/projects/p", "/v1/projects/{project}"),
+    (Method::GET, "/v1/apps", "/v1/apps"),
+    (Method::POST, "/v1/apps", "/v1/apps"),
+    (
+        Method::GET,
+        "/v1/projects/p/apps/a",
+        "/v1/projects/{project}/apps/{app}",
+    ),
+    (
+        Method::DELETE,
+        "/v1/projects/p/apps/a",
+        "/v1/projects/{project}/apps/{app}",
+    ),
+    (
+        Method::GET,
+        "/v1/projects/p/apps/a/revisions",
+        "/v1/projects/{project}/apps/{app}/revisions",
+    ),
+    (
+        Method::GET,
+        "/v1/projects/p/apps/a/revisions/1",
+        "/v1/projects/{project}/apps/{app}/revisions/{revision}",
+    ),
+    (
+        Method::POST,
+        "/v1/projects/p/apps/a/rollback",
+        "/v1/projects/{project}/apps/{app}/rollback",
+    ),
+    (Method::GET, "/v1/events", "/v1/events"),
+    (Method::POST, "/v1/nodes", "/v1/nodes"),
+    (Method::GET, "/v1/nodes", "/v1/nodes"),
+    (Method::GET, "/v1/nodes/n", "/v1/nodes/{node}"),
+    (
+        Method::POST,
+        "/v1/nodes/n/heartbeat",
+        "/v1/nodes/{node}/heartbeat",
+    ),
+    (Method::POST, "/v1/nodes/n/drain", "/v1/nodes/{node}/drain"),
+    (
+        Method::POST,
+        "/v1/nodes/n/undrain",
+        "/v1/nodes/{node}/undrain",
+    ),
 ];
+
+/// Where the OpenAPI document is served, without a token (it is public and
+/// says nothing about the cluster). Not in [`ROUTES`], which are the
+/// routes that require one.
+pub const OPENAPI_PATH: &str = "/v1/openapi.json";
 
 #[derive(Debug, Clone)]
 pub struct ApiState {
@@ -57,35 +105,45 @@ pub struct ApiState {
     pub auth: Arc<Auth>,
 }
 
+/// The routes that take the admin token. Each handler's path and method
+/// come from its `#[utoipa::path]`; handlers in one `routes!` share a path.
+fn admin_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_projects, create_project))
+        .routes(routes!(show_project))
+        .routes(routes!(list_apps, apply))
+        .routes(routes!(show_app, delete_app))
+        .routes(routes!(list_revisions))
+        .routes(routes!(show_revision))
+        .routes(routes!(rollback))
+        .routes(routes!(list_events))
+        .routes(routes!(list_nodes))
+        .routes(routes!(show_node))
+        .routes(routes!(drain_node))
+        .routes(routes!(undrain_node))
+}
+
+/// The routes agents call: they authenticate with the join token, then
+/// with their node credential, and check the token themselves.
+fn agent_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(register_node))
+        .routes(routes!(heartbeat))
+}
+
 pub fn router(state: ApiState) -> axum::Router {
-    let v1 = axum::Router::new()
-        .route("/v1/projects", get(list_projects).post(create_project))
-        .route("/v1/projects/{project}", get(show_project))
-        .route("/v1/apps", get(list_apps).post(apply))
-        .route(
-            "/v1/projects/{project}/apps/{app}",
-            get(show_app).delete(delete_app),
-        )
-        .route(
-            "/v1/projects/{project}/apps/{app}/revisions",
-            get(list_revisions),
-        )
-        .route(
-            "/v1/projects/{project}/apps/{app}/revisions/{revision}",
-            get(show_revision),
-        )
-        .route("/v1/projects/{project}/apps/{app}/rollback", post(rollback))
-        .route("/v1/events", get(list_events))
-        .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{node}", get(show_node))
-        .route("/v1/nodes/{node}/drain", post(drain_node))
-        .route("/v1/nodes/{node}/undrain", post(undrain_node))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    // Agents authenticate with the join token, then their node credential.
-    let agents = axum::Router::new()
-        .route("/v1/nodes", post(register_node))
-        .route("/v1/nodes/{node}/heartbeat", post(heartbeat));
-    v1.merge(agents)
+    let (admin, _) = admin_routes()
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .split_for_parts();
+    let (agents, _) = agent_routes().split_for_parts();
+    let document = Bytes::from(openapi_json());
+    let serve_document = get(move || {
+        let document = document.clone();
+        async move { ([(header::CONTENT_TYPE, "application/json")], document) }
+    });
+    admin
+        .merge(agents)
+        .route(OPENAPI_PATH, serve_document)
         .fallback(|| async { ApiError::NotFound("route".into()) })
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .with_state(state)
@@ -141,12 +199,76 @@ fn text(bytes: &Bytes) -> Result<&str, ApiError> {
         .map_err(|e| ApiError::Invalid(vec![FieldProblem::new("body", format!("not UTF-8: {e}"))]))
 }
 
-#[derive(Deserialize)]
+/// Path parameters naming a project.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct ProjectPath {
+    /// The project's name (a DNS label).
+    project: String,
+}
+
+/// Path parameters naming an app.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct AppPath {
+    /// The project's name (a DNS label).
+    project: String,
+    /// The app's name (a DNS label).
+    app: String,
+}
+
+/// Path parameters naming one revision of an app.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct RevisionPath {
+    /// The project's name (a DNS label).
+    project: String,
+    /// The app's name (a DNS label).
+    app: String,
+    /// The revision's number.
+    // A string, so that a bad number gets this API's 400 (from the
+    // handler) rather than the framework's.
+    #[param(value_type = u64)]
+    revision: String,
+}
+
+/// Path parameters naming a node.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct NodePath {
+    /// The node's name (a DNS label).
+    node: String,
+}
+
+/// A project to create.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewProject {
+    /// A DNS label: 1 to 63 lowercase letters, digits or '-', starting with
+    /// a letter and not ending with '-'.
     name: String,
 }
 
+/// Creates a project
+///
+/// Idempotent: creating a project that exists changes nothing and returns
+/// it with 200.
+#[utoipa::path(
+    post,
+    path = "/v1/projects",
+    tag = "projects",
+    security(("admin_token" = [])),
+    request_body = NewProject,
+    responses(
+        (status = 201, description = "The project was created.", body = ProjectRecord),
+        (status = 200, description = "The project already existed; nothing changed.", body = ProjectRecord),
+        (status = 400, description = "The body is not a `NewProject`, or the name is not a DNS label.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 413, response = TooLarge),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn create_project(
     State(state): State<ApiState>,
     raw: Result<Bytes, BytesRejection>,
@@ -161,13 +283,42 @@ async fn create_project(
     Ok((status, Json(project)).into_response())
 }
 
+/// Lists every project
+#[utoipa::path(
+    get,
+    path = "/v1/projects",
+    tag = "projects",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Every project, by name.", body = Vec<ProjectRecord>),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn list_projects(State(state): State<ApiState>) -> Result<Response, ApiError> {
     Ok(Json(state.apps.projects().await?).into_response())
 }
 
+/// Shows a project
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{project}",
+    tag = "projects",
+    security(("admin_token" = [])),
+    params(ProjectPath),
+    responses(
+        (status = 200, description = "The project.", body = ProjectRecord),
+        (status = 400, description = "The name is not a DNS label.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "There is no such project.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn show_project(
     State(state): State<ApiState>,
-    Path(project): Path<String>,
+    Path(ProjectPath { project }): Path<ProjectPath>,
 ) -> Result<Response, ApiError> {
     Ok(Json(state.apps.project(&project).await?).into_response())
 }
@@ -186,6 +337,48 @@ fn manifest_format(headers: &HeaderMap) -> Format {
     }
 }
 
+/// Applies an app manifest
+///
+/// Records the manifest as the app's desired state: a new revision when it
+/// means something different from the current revision's manifest, none
+/// when it means the same (key order and defaults written out or left out
+/// do not count). The app's project is created on first use.
+#[utoipa::path(
+    post,
+    path = "/v1/apps",
+    tag = "apps",
+    security(("admin_token" = [])),
+    request_body(
+        description = "The manifest, as YAML (any content type but \
+            `application/json`) or JSON (`application/json`).",
+        content(
+            (openapi::AppManifest = "application/yaml", example = json!(
+                "name: web\nproject: shop\nimage: nginx:1.27\ninstances: 2\nports:\n  - name: http\n    port: 80\n"
+            )),
+            (openapi::AppManifest = "application/json", example = json!({
+                "name": "web",
+                "project": "shop",
+                "image": "nginx:1.27",
+                "instances": 2,
+                "ports": [{"name": "http", "port": 80}]
+            })),
+        ),
+    ),
+    responses(
+        (status = 201, description = "The app did not exist; it was created with revision 1.", body = Applied),
+        (status = 200, description = "The app existed; `changed` says whether the manifest made a new revision.", body = Applied),
+        (status = 400, description = "The manifest is invalid: every problem, with its field path, line and column.", body = ErrorBody, example = json!({
+            "error": "invalid",
+            "message": "invalid request: ports[0].port: must be 1..65535, got 70000",
+            "problems": [{"path": "ports[0].port", "line": 7, "column": 11, "message": "must be 1..65535, got 70000"}]
+        })),
+        (status = 401, response = Unauthorized),
+        (status = 409, description = "Other writes to the app kept winning the race; try again.", body = ErrorBody),
+        (status = 413, response = TooLarge),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn apply(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -223,12 +416,29 @@ fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct AppsQuery {
+    /// Only this project's apps.
     project: Option<String>,
 }
 
+/// Lists apps
+#[utoipa::path(
+    get,
+    path = "/v1/apps",
+    tag = "apps",
+    security(("admin_token" = [])),
+    params(AppsQuery),
+    responses(
+        (status = 200, description = "The apps, by project and name.", body = Vec<AppRecord>),
+        (status = 400, description = "An unknown query parameter, or a project name that is not a DNS label.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn list_apps(
     State(state): State<ApiState>,
     raw: Result<Query<AppsQuery>, QueryRejection>,
@@ -237,32 +447,112 @@ async fn list_apps(
     Ok(Json(state.apps.apps(query.project.as_deref()).await?).into_response())
 }
 
+/// An app and the revision it runs now.
+#[derive(Serialize, ToSchema)]
+struct AppView {
+    app: AppRecord,
+    revision: RevisionRecord,
+}
+
+/// Shows an app and its current revision
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{project}/apps/{app}",
+    tag = "apps",
+    security(("admin_token" = [])),
+    params(AppPath),
+    responses(
+        (status = 200, description = "The app and its current revision.", body = AppView),
+        (status = 400, description = "A name is not a DNS label.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "There is no such app.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn show_app(
     State(state): State<ApiState>,
-    Path((project, app)): Path<(String, String)>,
+    Path(AppPath { project, app }): Path<AppPath>,
 ) -> Result<Response, ApiError> {
     let record = state.apps.app(&project, &app).await?;
     let revision = state.apps.revision(&project, &app, record.revision).await?;
-    Ok(Json(serde_json::json!({ "app": record, "revision": revision })).into_response())
+    Ok(Json(AppView {
+        app: record,
+        revision,
+    })
+    .into_response())
 }
 
+/// Deletes an app and its revisions
+#[utoipa::path(
+    delete,
+    path = "/v1/projects/{project}/apps/{app}",
+    tag = "apps",
+    security(("admin_token" = [])),
+    params(AppPath),
+    responses(
+        (status = 200, description = "The app as it was before it was deleted.", body = AppRecord),
+        (status = 400, description = "A name is not a DNS label.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "There is no such app.", body = ErrorBody),
+        (status = 409, description = "The app changed while it was being deleted; try again.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn delete_app(
     State(state): State<ApiState>,
-    Path((project, app)): Path<(String, String)>,
+    Path(AppPath { project, app }): Path<AppPath>,
 ) -> Result<Response, ApiError> {
     Ok(Json(state.apps.delete(&project, &app).await?).into_response())
 }
 
+/// Lists an app's revisions
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{project}/apps/{app}/revisions",
+    tag = "apps",
+    security(("admin_token" = [])),
+    params(AppPath),
+    responses(
+        (status = 200, description = "Every revision of the app, oldest first.", body = Vec<RevisionRecord>),
+        (status = 400, description = "A name is not a DNS label.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "There is no such app.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn list_revisions(
     State(state): State<ApiState>,
-    Path((project, app)): Path<(String, String)>,
+    Path(AppPath { project, app }): Path<AppPath>,
 ) -> Result<Response, ApiError> {
     Ok(Json(state.apps.revisions(&project, &app).await?).into_response())
 }
 
+/// Shows one revision of an app
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{project}/apps/{app}/revisions/{revision}",
+    tag = "apps",
+    security(("admin_token" = [])),
+    params(RevisionPath),
+    responses(
+        (status = 200, description = "The revision.", body = RevisionRecord),
+        (status = 400, description = "A name is not a DNS label, or the revision is not a number.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "There is no such app, or no such revision of it.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn show_revision(
     State(state): State<ApiState>,
-    Path((project, app, revision)): Path<(String, String, String)>,
+    Path(RevisionPath {
+        project,
+        app,
+        revision,
+    }): Path<RevisionPath>,
 ) -> Result<Response, ApiError> {
     let number: u64 = revision.parse().map_err(|_| {
         ApiError::Invalid(vec![FieldProblem::new(
@@ -274,15 +564,50 @@ async fn show_revision(
     Ok(Json(state.apps.revision(&project, &app, number).await?).into_response())
 }
 
-#[derive(Deserialize, Default)]
+/// Which revision to roll back to. Listed in the document's components by
+/// `openapi::ApiDoc`, since `rollback` refers to it by name.
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RollbackRequest {
+    /// The revision whose manifest to deploy again. Default: the one
+    /// before the current revision.
     revision: Option<u64>,
 }
 
+/// Rolls an app back
+///
+/// Deploys an older revision's manifest again, as a new revision (the
+/// history is never rewritten). The body is optional: without it, or
+/// without `revision`, the target is the revision before the current one.
+#[utoipa::path(
+    post,
+    path = "/v1/projects/{project}/apps/{app}/rollback",
+    tag = "apps",
+    security(("admin_token" = [])),
+    params(AppPath),
+    // A `ref` rather than the type, which would make the body required
+    // (or, as an `Option`, allow `null`, which the handler refuses).
+    request_body(
+        content = ref("#/components/schemas/RollbackRequest"),
+        content_type = "application/json",
+        description = "Optional: without a body, or without `revision`, the \
+            target is the revision before the current one.",
+    ),
+    responses(
+        (status = 200, description = "The app and the new revision, whose `cause` names the target.", body = Applied),
+        (status = 400, description = "A name is not a DNS label, or the body is not a `RollbackRequest`.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "There is no such app, or no such revision of it.", body = ErrorBody),
+        (status = 409, description = "Other writes to the app kept winning the race; try again.", body = ErrorBody),
+        (status = 413, response = TooLarge),
+        (status = 422, description = "There is no revision before the current one, or the app already runs the target.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn rollback(
     State(state): State<ApiState>,
-    Path((project, app)): Path<(String, String)>,
+    Path(AppPath { project, app }): Path<AppPath>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let bytes = body(raw)?;
@@ -300,14 +625,34 @@ async fn rollback(
     .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
+    /// Only this project's events.
     project: Option<String>,
+    /// Only this app's events (an app name; combine with `project`).
     app: Option<String>,
+    /// At most this many events, the newest (default 100; clamped to
+    /// 1..=10000).
     limit: Option<usize>,
 }
 
+/// Lists events
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "events",
+    security(("admin_token" = [])),
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "The newest matching events, oldest first.", body = Vec<EventRecord>),
+        (status = 400, description = "An unknown query parameter, or a `limit` that is not a number.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn list_events(
     State(state): State<ApiState>,
     raw: Result<Query<EventsQuery>, QueryRejection>,
@@ -321,6 +666,28 @@ async fn list_events(
     Ok(Json(events).into_response())
 }
 
+/// Registers a node
+///
+/// What an agent calls to join, with the join token. The response carries
+/// the node's credential, shown only here. Registering a name again (an
+/// agent reinstalled on the same machine) replaces the credential, so the
+/// old one stops working; a draining node stays draining.
+#[utoipa::path(
+    post,
+    path = "/v1/nodes",
+    tag = "nodes",
+    security(("join_token" = []), ("admin_token" = [])),
+    request_body = Registration,
+    responses(
+        (status = 201, description = "The node is registered, and alive until its heartbeats stop.", body = Registered),
+        (status = 400, description = "The body is not a `Registration`, or every problem with its values.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 409, description = "The node is registering from elsewhere at the same time.", body = ErrorBody),
+        (status = 413, response = TooLarge),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn register_node(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -335,40 +702,130 @@ async fn register_node(
     Ok((StatusCode::CREATED, Json(registered)).into_response())
 }
 
+/// Records a node's heartbeat
+///
+/// Keeps the node alive for the controller's `node_lost_after` from now;
+/// a node whose heartbeats stop for that long is `lost`. Takes the node's
+/// own credential (or the admin token).
+#[utoipa::path(
+    post,
+    path = "/v1/nodes/{node}/heartbeat",
+    tag = "nodes",
+    security(("node_credential" = []), ("admin_token" = [])),
+    params(NodePath),
+    responses(
+        (status = 200, description = "The node, as it is now.", body = NodeView),
+        (status = 400, description = "The name is not a DNS label.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "With the admin token: there is no such node.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn heartbeat(
     State(state): State<ApiState>,
-    Path(node): Path<String>,
+    Path(NodePath { node }): Path<NodePath>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let token = bearer(&headers).ok_or(ApiError::Unauthorized)?;
-    if !state.auth.is_admin(token) {
+    if state.auth.is_admin(token) {
+        // The admin may beat for any node, but only one that exists.
+        state.nodes.show(&node).await?;
+    } else {
         state.nodes.authenticate(&node, token).await?;
     }
     state.nodes.heartbeat_alive(&node).await?;
     Ok(Json(state.nodes.show(&node).await?).into_response())
 }
 
+/// Lists every node
+#[utoipa::path(
+    get,
+    path = "/v1/nodes",
+    tag = "nodes",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Every node, by name, with its status.", body = Vec<NodeView>),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn list_nodes(State(state): State<ApiState>) -> Result<Response, ApiError> {
     Ok(Json(state.nodes.list().await?).into_response())
 }
 
+/// Shows a node
+#[utoipa::path(
+    get,
+    path = "/v1/nodes/{node}",
+    tag = "nodes",
+    security(("admin_token" = [])),
+    params(NodePath),
+    responses(
+        (status = 200, description = "The node, with its status.", body = NodeView),
+        (status = 400, description = "The name is not a DNS label.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "There is no such node.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn show_node(
     State(state): State<ApiState>,
-    Path(node): Path<String>,
+    Path(NodePath { node }): Path<NodePath>,
 ) -> Result<Response, ApiError> {
     Ok(Json(state.nodes.show(&node).await?).into_response())
 }
 
+/// Drains a node
+///
+/// No new instances are placed on a draining node. Idempotent.
+#[utoipa::path(
+    post,
+    path = "/v1/nodes/{node}/drain",
+    tag = "nodes",
+    security(("admin_token" = [])),
+    params(NodePath),
+    responses(
+        (status = 200, description = "The node, now draining (unless it is lost).", body = NodeView),
+        (status = 400, description = "The name is not a DNS label.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "There is no such node.", body = ErrorBody),
+        (status = 409, description = "The node kept changing; try again.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn drain_node(
     State(state): State<ApiState>,
-    Path(node): Path<String>,
+    Path(NodePath { node }): Path<NodePath>,
 ) -> Result<Response, ApiError> {
     Ok(Json(state.nodes.set_draining(&node, true).await?).into_response())
 }
 
+/// Stops draining a node
+///
+/// The node takes new instances again. Idempotent.
+#[utoipa::path(
+    post,
+    path = "/v1/nodes/{node}/undrain",
+    tag = "nodes",
+    security(("admin_token" = [])),
+    params(NodePath),
+    responses(
+        (status = 200, description = "The node, no longer draining.", body = NodeView),
+        (status = 400, description = "The name is not a DNS label.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "There is no such node.", body = ErrorBody),
+        (status = 409, description = "The node kept changing; try again.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
 async fn undrain_node(
     State(state): State<ApiState>,
-    Path(node): Path<String>,
+    Path(NodePath { node }): Path<NodePath>,
 ) -> Result<Response, ApiError> {
     Ok(Json(state.nodes.set_draining(&node, false).await?).into_response())
 }
