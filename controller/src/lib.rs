@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agents;
 pub mod api;
 pub mod apps;
 pub mod auth;
@@ -89,6 +90,7 @@ impl Server {
         let state = api::ApiState {
             apps: apps::Apps::new(store.clone()),
             nodes: Arc::new(nodes::Nodes::new(store.clone(), config.node_lost_after)),
+            agents: agents::Agents::new(store.clone()),
             auth: Arc::new(auth),
         };
         let listener = tokio::net::TcpListener::bind(config.listen)

@@ -539,3 +539,134 @@ async fn a_bad_registration_lists_every_problem_and_registers_nothing() {
     let (_, nodes) = h.get("/v1/nodes").await;
     assert_eq!(nodes, serde_json::json!([]));
 }
+
+/// Reads stream lines until `done` says it has seen enough (10 s at most).
+async fn read_stream(
+    response: &mut reqwest::Response,
+    buffer: &mut String,
+    mut done: impl FnMut(&Value) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        while let Some(end) = buffer.find('\n') {
+            let line: String = buffer.drain(..=end).collect();
+            if line.trim().is_empty() {
+                continue;
+            }
+            if done(&serde_json::from_str(&line).unwrap()) {
+                return;
+            }
+        }
+        let chunk = tokio::time::timeout_at(deadline, response.chunk())
+            .await
+            .expect("the stream keeps coming")
+            .unwrap()
+            .expect("the stream stays open");
+        buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+}
+
+#[tokio::test]
+async fn agents_stream_their_instances_and_report_what_runs() {
+    let h = Harness::start().await;
+    let json = "application/json";
+    let (_, body) = h
+        .call_as(
+            &h.join_token,
+            Method::POST,
+            "/v1/nodes",
+            Some((json, &registration("n1", "eu-a"))),
+        )
+        .await;
+    let node_token = body["token"].as_str().unwrap().to_owned();
+
+    let mut stream = h
+        .client
+        .get(format!("http://{}/v1/nodes/n1/instances/watch", h.addr()))
+        .bearer_auth(&node_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    assert_eq!(stream.headers()["content-type"], "application/x-ndjson");
+    let mut buffer = String::new();
+    let mut running: std::collections::BTreeSet<String> = Default::default();
+    read_stream(&mut stream, &mut buffer, |m| {
+        assert!(
+            m.get("snapshot").is_some(),
+            "the stream starts with a snapshot: {m}"
+        );
+        true
+    })
+    .await;
+
+    h.apply(APP).await; // two instances; the reconciler places them on n1
+    read_stream(&mut stream, &mut buffer, |m| {
+        let put = &m["put"]["instance"];
+        assert_eq!(put["manifest"]["image"], "keel/test-server:1", "{m}");
+        running.insert(put["id"].as_str().unwrap().to_owned());
+        running.len() == 2
+    })
+    .await;
+
+    // The agent reports: one running and ready, published on a host port.
+    let id = running.iter().next().unwrap().clone();
+    let report = format!(
+        r#"{{"instances":[{{"project":"shop","app":"web","id":"{id}","state":"running","ready":true,"ports":{{"http":"127.0.0.2:32768"}}}},{{"project":"shop","app":"web","id":"not-mine","state":"running","ready":true}}]}}"#
+    );
+    let (status, body) = h
+        .call_as(
+            &node_token,
+            Method::POST,
+            "/v1/nodes/n1/status",
+            Some((json, &report)),
+        )
+        .await;
+    assert_eq!(
+        (status, body["written"].as_u64()),
+        (StatusCode::OK, Some(1)),
+        "{body}"
+    );
+    let (_, body) = h
+        .call_as(
+            &node_token,
+            Method::POST,
+            "/v1/nodes/n1/status",
+            Some((json, &report)),
+        )
+        .await;
+    assert_eq!(body["written"], 0, "an unchanged report writes nothing");
+
+    let (_, instances) = h.get("/v1/projects/shop/apps/web/instances").await;
+    let instances = instances.as_array().unwrap();
+    assert_eq!(instances.len(), 2);
+    let reported = instances.iter().find(|i| i["id"] == id.as_str()).unwrap();
+    assert_eq!(
+        (reported["state"].as_str(), reported["ready"].as_bool()),
+        (Some("running"), Some(true))
+    );
+    assert_eq!(reported["ports"]["http"], "127.0.0.2:32768");
+    let other = instances.iter().find(|i| i["id"] != id.as_str()).unwrap();
+    assert_eq!(
+        (other["state"].as_str(), other["node"].as_str()),
+        (Some("placed"), Some("n1"))
+    );
+
+    // Scaling down deletes one from the node's stream.
+    h.apply(&APP.replace("instances: 2", "instances: 1")).await;
+    read_stream(&mut stream, &mut buffer, |m| m.get("delete").is_some()).await;
+
+    let (status, _) = h.get("/v1/instances?app=web").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "app without project");
+    let (status, _) = h.get("/v1/instances?project=shop").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = h
+        .call_as(
+            &node_token,
+            Method::POST,
+            "/v1/nodes/n1/status",
+            Some((json, r#"{"instances":[{"id":1}]}"#)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a malformed report");
+}

@@ -21,6 +21,7 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures::StreamExt;
 use keel_manifest::Format;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -30,6 +31,7 @@ use utoipa_axum::routes;
 pub use error::{ApiError, FieldProblem};
 pub use openapi::openapi_json;
 
+use crate::agents::{Agents, InstanceView};
 use crate::apps::{Applied, Apps};
 use crate::auth::Auth;
 use crate::nodes::{NodeView, Nodes, Registered, Registration};
@@ -46,6 +48,22 @@ pub const BODY_LIMIT_BYTES: usize = 1 << 20;
 /// has exactly these. Keep in step with `admin_routes` and
 /// `agent_routes`.
 pub const ROUTES: &[(Method, &str, &str)] = &[
+    (Method::GET, "/v1/instances", "/v1/instances"),
+    (
+        Method::GET,
+        "/v1/projects/p/apps/a/instances",
+        "/v1/projects/{project}/apps/{app}/instances",
+    ),
+    (
+        Method::GET,
+        "/v1/nodes/n/instances/watch",
+        "/v1/nodes/{node}/instances/watch",
+    ),
+    (
+        Method::POST,
+        "/v1/nodes/n/status",
+        "/v1/nodes/{node}/status",
+    ),
     (Method::GET, "/v1/projects", "/v1/projects"),
     (Method::POST, "/v1/projects", "/v1/projects"),
     (Method::GET, "/v1/projects/p", "/v1/projects/{project}"),
@@ -102,6 +120,7 @@ pub const OPENAPI_PATH: &str = "/v1/openapi.json";
 pub struct ApiState {
     pub apps: Apps,
     pub nodes: Arc<Nodes>,
+    pub agents: Agents,
     pub auth: Arc<Auth>,
 }
 
@@ -121,6 +140,8 @@ fn admin_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(show_node))
         .routes(routes!(drain_node))
         .routes(routes!(undrain_node))
+        .routes(routes!(list_instances))
+        .routes(routes!(app_instances))
 }
 
 /// The routes agents call: they authenticate with the join token, then
@@ -129,6 +150,8 @@ fn agent_routes() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
         .routes(routes!(register_node))
         .routes(routes!(heartbeat))
+        .routes(routes!(watch_instances))
+        .routes(routes!(report_status))
 }
 
 pub fn router(state: ApiState) -> axum::Router {
@@ -702,6 +725,17 @@ async fn register_node(
     Ok((StatusCode::CREATED, Json(registered)).into_response())
 }
 
+/// Lets a node act for itself, or the admin for any node that exists.
+async fn authorize_node(state: &ApiState, node: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+    let token = bearer(headers).ok_or(ApiError::Unauthorized)?;
+    if state.auth.is_admin(token) {
+        state.nodes.show(node).await?;
+    } else {
+        state.nodes.authenticate(node, token).await?;
+    }
+    Ok(())
+}
+
 /// Records a node's heartbeat
 ///
 /// Keeps the node alive for the controller's `node_lost_after` from now;
@@ -727,13 +761,7 @@ async fn heartbeat(
     Path(NodePath { node }): Path<NodePath>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let token = bearer(&headers).ok_or(ApiError::Unauthorized)?;
-    if state.auth.is_admin(token) {
-        // The admin may beat for any node, but only one that exists.
-        state.nodes.show(&node).await?;
-    } else {
-        state.nodes.authenticate(&node, token).await?;
-    }
+    authorize_node(&state, &node, &headers).await?;
     state.nodes.heartbeat_alive(&node).await?;
     Ok(Json(state.nodes.show(&node).await?).into_response())
 }
@@ -828,4 +856,165 @@ async fn undrain_node(
     Path(NodePath { node }): Path<NodePath>,
 ) -> Result<Response, ApiError> {
     Ok(Json(state.nodes.set_draining(&node, false).await?).into_response())
+}
+
+/// Streams the instances a node should run
+///
+/// Newline-delimited JSON, one `StreamMessage` a line: first a `snapshot`
+/// of every instance placed on the node with the generation (store
+/// revision) it was read at, then a `put` or `delete` per change, for as
+/// long as the connection lasts. When it breaks, connect again for a new
+/// snapshot. Takes the node's own credential (or the admin token).
+#[utoipa::path(
+    get,
+    path = "/v1/nodes/{node}/instances/watch",
+    tag = "nodes",
+    security(("node_credential" = []), ("admin_token" = [])),
+    params(NodePath),
+    responses(
+        (status = 200, description = "The stream, one `StreamMessage` per line.", body = keel_protocol::StreamMessage, content_type = "application/x-ndjson"),
+        (status = 400, description = "The name is not a DNS label.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "With the admin token: there is no such node.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn watch_instances(
+    State(state): State<ApiState>,
+    Path(NodePath { node }): Path<NodePath>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize_node(&state, &node, &headers).await?;
+    let messages = state.agents.watch(&node).await?;
+    let lines = tokio_stream::wrappers::ReceiverStream::new(messages).map(|message| {
+        let mut line = serde_json::to_vec(&message).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(Bytes::from(line))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+/// What a status report changed.
+#[derive(Serialize, ToSchema)]
+struct Reported {
+    /// How many instances' states changed and were written.
+    written: usize,
+}
+
+/// Reports what a node runs
+///
+/// The whole state of every instance the node runs, each time; unchanged
+/// states are not written again, and instances not placed on the node are
+/// ignored. Takes the node's own credential (or the admin token).
+#[utoipa::path(
+    post,
+    path = "/v1/nodes/{node}/status",
+    tag = "nodes",
+    security(("node_credential" = []), ("admin_token" = [])),
+    params(NodePath),
+    request_body = keel_protocol::StatusReport,
+    responses(
+        (status = 200, description = "The report is recorded.", body = Reported),
+        (status = 400, description = "The body is not a `StatusReport`.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "With the admin token: there is no such node.", body = ErrorBody),
+        (status = 413, response = TooLarge),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn report_status(
+    State(state): State<ApiState>,
+    Path(NodePath { node }): Path<NodePath>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize_node(&state, &node, &headers).await?;
+    let report: keel_protocol::StatusReport = json_body(&body(raw)?)?;
+    let written = state.agents.report(&node, report).await?;
+    Ok(Json(Reported { written }).into_response())
+}
+
+/// Which instances to list.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct InstancesQuery {
+    /// Only this project's instances (with `app`: only that app's).
+    project: Option<String>,
+    /// Only this app's instances; needs `project`.
+    app: Option<String>,
+}
+
+/// Lists instances
+///
+/// Every instance, or those of one project or app, with where it is placed
+/// and the state its agent reported.
+#[utoipa::path(
+    get,
+    path = "/v1/instances",
+    tag = "apps",
+    security(("admin_token" = [])),
+    params(InstancesQuery),
+    responses(
+        (status = 200, description = "The instances.", body = Vec<InstanceView>),
+        (status = 400, description = "An unknown query parameter, or `app` without `project`.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn list_instances(
+    State(state): State<ApiState>,
+    raw: Result<Query<InstancesQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let query = query(raw)?;
+    let instances = match (&query.project, &query.app) {
+        (Some(project), Some(app)) => {
+            state.apps.app(project, app).await?;
+            state.agents.instances(Some((project, app))).await?
+        }
+        (Some(project), None) => {
+            state.apps.project(project).await?;
+            let all = state.agents.instances(None).await?;
+            all.into_iter().filter(|i| &i.project == project).collect()
+        }
+        (None, Some(_)) => {
+            return Err(ApiError::Invalid(vec![FieldProblem::new(
+                "app",
+                "name the project too (project=...&app=...)",
+            )]));
+        }
+        (None, None) => state.agents.instances(None).await?,
+    };
+    Ok(Json(instances).into_response())
+}
+
+/// Lists an app's instances
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{project}/apps/{app}/instances",
+    tag = "apps",
+    security(("admin_token" = [])),
+    params(AppPath),
+    responses(
+        (status = 200, description = "The app's instances.", body = Vec<InstanceView>),
+        (status = 400, description = "A name is not a DNS label.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "There is no such app.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn app_instances(
+    State(state): State<ApiState>,
+    Path(AppPath { project, app }): Path<AppPath>,
+) -> Result<Response, ApiError> {
+    state.apps.app(&project, &app).await?;
+    Ok(Json(state.agents.instances(Some((&project, &app))).await?).into_response())
 }

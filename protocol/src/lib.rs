@@ -1,0 +1,135 @@
+//! The wire types between the controller and its agents.
+//!
+//! An agent holds one long-lived stream per node
+//! (`GET /v1/nodes/{node}/instances/watch`, newline-delimited JSON): first a
+//! [`StreamMessage::Snapshot`] of every instance the node should run, with
+//! the generation (the store revision) it was read at, then one
+//! [`StreamMessage::Put`] or [`StreamMessage::Delete`] per change. When the
+//! stream breaks, the agent connects again and gets a new snapshot: it
+//! reconciles against whole snapshots, so a lost message costs nothing.
+//!
+//! The agent reports the actual state of every instance it runs with
+//! `POST /v1/nodes/{node}/status` ([`StatusReport`]), whole each time, so
+//! the controller can always replace what it knew.
+//!
+//! Architecture Invariant: these types depend on the manifest and nothing
+//! else of Keel; both sides compile against this one definition.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+
+use keel_manifest::AppManifest;
+use serde::{Deserialize, Serialize};
+
+/// Which instance: unique in the cluster.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceRef {
+    pub project: String,
+    pub app: String,
+    pub id: String,
+}
+
+/// One instance a node should run, with everything needed to run it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSpec {
+    #[serde(flatten)]
+    pub instance: InstanceRef,
+    pub revision: u64,
+    /// The manifest of that revision (see manifest/REFERENCE.md).
+    #[schema(value_type = Object)]
+    pub manifest: AppManifest,
+}
+
+/// One line of the desired-instances stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum StreamMessage {
+    /// Everything the node should run, as of `generation`.
+    Snapshot {
+        generation: i64,
+        instances: Vec<InstanceSpec>,
+    },
+    /// Run this instance (new, or changed).
+    /// (Boxed: a manifest is large beside the other messages.)
+    Put {
+        generation: i64,
+        instance: Box<InstanceSpec>,
+    },
+    /// Stop and remove this instance.
+    Delete {
+        generation: i64,
+        instance: InstanceRef,
+    },
+}
+
+/// The life of an instance on its node, as its agent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    Pulling,
+    Starting,
+    Running,
+    Exited,
+    Failed,
+}
+
+/// The actual state of one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceStatus {
+    #[serde(flatten)]
+    pub instance: InstanceRef,
+    pub state: InstanceState,
+    /// Passing its readiness check (or running, when it has none): routers
+    /// send traffic only to ready instances.
+    pub ready: bool,
+    /// How often the agent restarted it.
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Why it failed or exited, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Port name to the host address and port it is published on.
+    #[serde(default)]
+    pub ports: BTreeMap<String, String>,
+}
+
+/// Everything a node runs, reported whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatusReport {
+    pub instances: Vec<InstanceStatus>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_messages_are_tagged_one_line_json() {
+        let message = StreamMessage::Delete {
+            generation: 7,
+            instance: InstanceRef {
+                project: "p".into(),
+                app: "a".into(),
+                id: "1-ab".into(),
+            },
+        };
+        let line = serde_json::to_string(&message).unwrap_or_default();
+        assert_eq!(
+            line,
+            r#"{"delete":{"generation":7,"instance":{"project":"p","app":"a","id":"1-ab"}}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<StreamMessage>(&line).ok(),
+            Some(message)
+        );
+    }
+}
