@@ -98,7 +98,11 @@ impl Server {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
-        let reconciler = reconcile::Reconciler::new(store).spawn(Duration::from_secs(1));
+        // The grace period after a start is one lost-after period: a node
+        // is declared lost only after the controller could have heard it.
+        let reconciler = reconcile::Reconciler::new(store)
+            .with_grace(config.node_lost_after)
+            .spawn(Duration::from_secs(1));
         let app = api::router(state);
         let task = tokio::spawn(async move {
             axum::serve(listener, app)

@@ -11,29 +11,38 @@
 //! - removes instances of apps that are gone, and instances on nodes that
 //!   are lost (their replacements are created in the same pass; when the
 //!   node comes back its agent no longer finds them in its desired set);
+//!   see [`LostPolicy`] for the health manager's protections;
 //! - creates the missing instances of the current revision and removes
 //!   surplus ones (unplaced first);
-//! - removes the old revision's instances once the current revision has all
-//!   its instances placed (until agents report readiness, placement is the
-//!   signal; the rolling update proper waits for readiness);
-//! - for a global app, keeps one instance on every node that matches;
+//! - rolls a new revision forward: never more than `max_surge` instances
+//!   above the count, never fewer than `count - max_unavailable` ready, and
+//!   an old instance is stopped only when enough new ones have been ready
+//!   for `min_ready`; readiness is what agents report;
+//! - for a global app, keeps one instance on every node that matches, and
+//!   replaces each node's old instance once the new one there is ready;
 //! - places unplaced instances with the scheduler, and records why when
-//!   nothing fits (an event, only when the reason changes).
+//!   nothing fits (an event, only when the reason changes);
+//! - marks an app degraded when its instances keep failing (crash loop),
+//!   with the last exit reason, and recovered when they stop;
+//! - forgets reported states of instances that are gone.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use keel_manifest::{AppManifest, ConstraintOp, Instances};
+use keel_protocol::{InstanceRef, InstanceState};
 use keel_scheduler as scheduler;
 use keel_store::{Compare, CompareOp, Op, Revision, Store, Txn};
 
+use crate::agents::{StatusRecord, status_keys};
 use crate::api::ApiError;
 use crate::apps::{decode, encode, list_records};
 use crate::instances::{InstanceRecord, keys as instance_keys};
 use crate::nodes::alive_nodes;
 use crate::records::{AppRecord, EventRecord, NodeRecord, RevisionRecord, keys, now_ms};
+use std::time::Instant;
 
 /// Everything a pass decides from.
 #[derive(Debug, Default, Clone)]
@@ -44,6 +53,58 @@ pub struct Snapshot {
     pub nodes: Vec<NodeRecord>,
     /// Names of nodes whose heartbeats are current.
     pub alive: BTreeSet<String>,
+    /// What agents reported, with each record's key and mod revision.
+    pub statuses: Vec<(StatusRecord, String, Revision)>,
+    /// Each app's health record, with its mod revision.
+    pub health: BTreeMap<(String, String), (AppHealth, Revision)>,
+    /// The wall clock, for `min_ready`.
+    pub now_ms: u64,
+    /// Which lost nodes' instances may be replaced in this pass.
+    pub lost: LostPolicy,
+}
+
+/// The health manager's answer to "may the instances of lost nodes be
+/// replaced now?". Learned from fleet and Kubernetes: right after a
+/// controller starts, silence may be the controller's own (it has not heard
+/// the heartbeats yet), and when most nodes fall silent at once the fault
+/// is more likely the network than the nodes, so a stampede of replacements
+/// would do more harm than good.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub enum LostPolicy {
+    /// Replace the instances of every lost node.
+    #[default]
+    All,
+    /// Only these nodes' (mass silence: one node at a time).
+    Only(BTreeSet<String>),
+    /// None (the grace period after the controller started).
+    None,
+}
+
+impl LostPolicy {
+    fn allows(&self, node: &str) -> bool {
+        match self {
+            LostPolicy::All => true,
+            LostPolicy::Only(nodes) => nodes.contains(node),
+            LostPolicy::None => false,
+        }
+    }
+}
+
+/// Whether an app's instances keep failing, as last recorded.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppHealth {
+    pub degraded: bool,
+    /// The last failure, in words, while degraded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// An instance restarted this often is crash-looping.
+pub const CRASH_LOOP_RESTARTS: u32 = 3;
+
+pub fn health_key(project: &str, app: &str) -> String {
+    format!("/keel/health/{project}/{app}")
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +116,16 @@ pub enum Change {
     },
     Delete {
         record: InstanceRecord,
+        mod_revision: Revision,
+    },
+    /// Any other record: put (`mod_revision` None: must not exist yet).
+    Put {
+        key: String,
+        value: Vec<u8>,
+        mod_revision: Option<Revision>,
+    },
+    Remove {
+        key: String,
         mod_revision: Revision,
     },
 }
@@ -175,6 +246,83 @@ fn remove(
     });
 }
 
+fn instance_ref(record: &InstanceRecord) -> InstanceRef {
+    InstanceRef {
+        project: record.project.clone(),
+        app: record.app.clone(),
+        id: record.id.clone(),
+    }
+}
+
+/// Marks an app degraded while any of its instances crash-loops or failed
+/// (with the last reason), and recovered when none does; writes and tells
+/// only on a change.
+fn crash_loops(
+    app: &AppRecord,
+    statuses: &BTreeMap<InstanceRef, &StatusRecord>,
+    snapshot: &Snapshot,
+    out: &mut Plan,
+) {
+    let failing = statuses
+        .values()
+        .filter(|s| s.status.instance.project == app.project && s.status.instance.app == app.name)
+        .filter(|s| {
+            s.status.state == InstanceState::Failed || s.status.restarts >= CRASH_LOOP_RESTARTS
+        })
+        .max_by_key(|s| s.updated_at_ms);
+    let health = match failing {
+        Some(s) => {
+            let mut reason = format!("instance {} ", s.status.instance.id);
+            reason.push_str(&match (s.status.state, s.status.restarts) {
+                (InstanceState::Failed, _) => "failed".to_owned(),
+                (_, restarts) => format!("restarted {restarts} times"),
+            });
+            if let Some(code) = s.status.exit_code {
+                reason.push_str(&format!("; last exit code {code}"));
+            }
+            if let Some(why) = &s.status.reason {
+                reason.push_str(&format!(": {why}"));
+            }
+            AppHealth {
+                degraded: true,
+                reason: Some(reason),
+            }
+        }
+        None => AppHealth {
+            degraded: false,
+            reason: None,
+        },
+    };
+    let key = (app.project.clone(), app.name.clone());
+    let known = snapshot.health.get(&key);
+    if known.map(|(h, _)| h) == Some(&health) || (known.is_none() && !health.degraded) {
+        return;
+    }
+    let message = match &health.reason {
+        Some(reason) => format!("app {}/{} is degraded: {reason}", app.project, app.name),
+        None => format!(
+            "app {}/{} recovered: no instance is failing",
+            app.project, app.name
+        ),
+    };
+    out.events.push(event(
+        app,
+        if health.degraded {
+            "degraded"
+        } else {
+            "recovered"
+        },
+        message,
+    ));
+    if let Ok(value) = serde_json::to_vec(&health) {
+        out.changes.push(Change::Put {
+            key: health_key(&app.project, &app.name),
+            value,
+            mod_revision: known.map(|(_, r)| *r),
+        });
+    }
+}
+
 /// Decides one pass. `new_id` names new instances (random in production,
 /// predictable in tests).
 pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan {
@@ -220,6 +368,7 @@ pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan 
         };
         if let Some(node) = &record.node
             && !usable(node)
+            && snapshot.lost.allows(node)
         {
             out.events.push(event(
                 app,
@@ -248,6 +397,27 @@ pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan 
             .push((record.clone(), *mod_revision));
     }
 
+    // Reported states, by instance, kept only when the instance is where the
+    // report came from; the others (and those of vanished instances) go.
+    let placed_on: BTreeMap<InstanceRef, Option<&str>> = snapshot
+        .instances
+        .iter()
+        .map(|(record, _)| (instance_ref(record), record.node.as_deref()))
+        .collect();
+    let mut statuses: BTreeMap<InstanceRef, &StatusRecord> = BTreeMap::new();
+    for (status, key, mod_revision) in &snapshot.statuses {
+        match placed_on.get(&status.status.instance) {
+            Some(node) if *node == Some(status.node.as_str()) => {
+                statuses.insert(status.status.instance.clone(), status);
+            }
+            Some(_) => {}
+            None => out.changes.push(Change::Remove {
+                key: key.clone(),
+                mod_revision: *mod_revision,
+            }),
+        }
+    }
+
     for ((app, revision), key) in snapshot
         .apps
         .iter()
@@ -271,8 +441,14 @@ pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan 
             created_at_ms: now_ms(),
             pending_reason: None,
         };
+        let min_ready_ms = manifest.update.min_ready_ms;
+        let ready = |record: &InstanceRecord| {
+            statuses.get(&instance_ref(record)).is_some_and(|s| {
+                s.status.ready && snapshot.now_ms.saturating_sub(s.updated_at_ms) >= min_ready_ms
+            })
+        };
         let mut kept = Kept::default();
-        let wanted = match manifest.instances {
+        match manifest.instances {
             Instances::Count(n) => {
                 let wanted = n as usize;
                 // Surplus: unplaced ones go first, then the newest.
@@ -283,13 +459,42 @@ pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan 
                 for (record, mod_revision) in current.drain(..surplus) {
                     remove(&mut cluster, &request, &mut out, record, mod_revision);
                 }
+                let mut ready_count = current.iter().filter(|(r, _)| ready(r)).count();
                 for (record, mod_revision) in current {
                     kept.keep(record, mod_revision);
                 }
-                while kept.count < wanted {
+                // The old revision: unplaced ones serve nothing and go now.
+                let (old, unplaced_old): (Vec<_>, Vec<_>) =
+                    old.into_iter().partition(|(r, _)| r.node.is_some());
+                for (record, mod_revision) in unplaced_old {
+                    remove(&mut cluster, &request, &mut out, record, mod_revision);
+                }
+                // Start new ones within the surge...
+                let surge = manifest.update.max_surge as usize;
+                let room = (wanted + surge).saturating_sub(kept.count + old.len());
+                let missing = wanted.saturating_sub(kept.count);
+                let start = if old.is_empty() {
+                    missing
+                } else {
+                    missing.min(room)
+                };
+                for _ in 0..start {
                     kept.create(new_instance(new_id(app.revision), None));
                 }
-                wanted
+                // ...and stop old ones only while enough stay ready, the
+                // ones that are not ready first.
+                let min_available = wanted.saturating_sub(manifest.update.max_unavailable as usize);
+                ready_count += old.iter().filter(|(r, _)| ready(r)).count();
+                let mut old = old;
+                old.sort_by_key(|(r, _)| ready(r));
+                for (record, mod_revision) in old {
+                    if !ready(&record) {
+                        remove(&mut cluster, &request, &mut out, record, mod_revision);
+                    } else if ready_count > min_available {
+                        ready_count -= 1;
+                        remove(&mut cluster, &request, &mut out, record, mod_revision);
+                    }
+                }
             }
             Instances::Global => {
                 let eligible: BTreeSet<String> = cluster
@@ -297,22 +502,34 @@ pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan 
                     .iter()
                     .map(|n| n.as_str().to_owned())
                     .collect();
-                let mut covered = BTreeSet::new();
+                let mut covered = BTreeMap::new();
                 for (record, mod_revision) in current {
                     let pinned = record.pinned_node.clone().unwrap_or_default();
-                    if eligible.contains(&pinned) && covered.insert(pinned) {
+                    if eligible.contains(&pinned) && !covered.contains_key(&pinned) {
+                        covered.insert(pinned, ready(&record));
                         kept.keep(record, mod_revision);
                     } else {
                         remove(&mut cluster, &request, &mut out, record, mod_revision);
                     }
                 }
-                for node in eligible.difference(&covered) {
-                    kept.create(new_instance(new_id(app.revision), Some(node.clone())));
+                for node in &eligible {
+                    if !covered.contains_key(node) {
+                        kept.create(new_instance(new_id(app.revision), Some(node.clone())));
+                    }
                 }
-                kept.count
+                // A node's old instance goes once the new one there is ready
+                // (or the node no longer matches).
+                for (record, mod_revision) in old {
+                    let pinned = record.pinned_node.clone().unwrap_or_default();
+                    if !eligible.contains(&pinned)
+                        || covered.get(&pinned) == Some(&true)
+                        || !ready(&record)
+                    {
+                        remove(&mut cluster, &request, &mut out, record, mod_revision);
+                    }
+                }
             }
-        };
-        let mut placed_current = kept.placed;
+        }
 
         // Reasons that are new for some instance, counted, so that a pass
         // makes one event per app and reason rather than one per instance.
@@ -330,7 +547,6 @@ pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan 
                 Ok(node) => {
                     record.node = Some(node.as_str().to_owned());
                     record.pending_reason = None;
-                    placed_current += 1;
                 }
                 Err(reason) => {
                     if record.pending_reason.as_deref() != Some(reason.as_str()) {
@@ -350,7 +566,6 @@ pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan 
                 Some(_) => {}
             }
         }
-
         for (reason, count) in newly_pending {
             let what = if count == 1 {
                 "1 instance".to_owned()
@@ -367,15 +582,7 @@ pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan 
             ));
         }
 
-        // The old revision goes once the new one is wholly placed.
-        if placed_current >= wanted {
-            for (record, mod_revision) in old {
-                out.changes.push(Change::Delete {
-                    record,
-                    mod_revision,
-                });
-            }
-        }
+        crash_loops(app, &statuses, snapshot, &mut out);
     }
     out
 }
@@ -384,6 +591,18 @@ pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan 
 #[derive(Debug, Clone)]
 pub struct Reconciler {
     store: Arc<dyn Store>,
+    started: Instant,
+    /// No lost node's instances are replaced this soon after the start.
+    grace: Duration,
+    /// In a mass silence, one lost node's instances per this interval.
+    mass_silence_interval: Duration,
+    mass: Arc<std::sync::Mutex<MassSilence>>,
+}
+
+#[derive(Debug, Default)]
+struct MassSilence {
+    active: bool,
+    last_replacement: Option<Instant>,
 }
 
 fn random_id(revision: u64) -> String {
@@ -392,8 +611,88 @@ fn random_id(revision: u64) -> String {
 }
 
 impl Reconciler {
+    /// A reconciler with the default protections: a grace period of 5 s
+    /// after the start, and one node every 10 s in a mass silence.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+        Self {
+            store,
+            started: Instant::now(),
+            grace: Duration::from_secs(5),
+            mass_silence_interval: Duration::from_secs(10),
+            mass: Arc::default(),
+        }
+    }
+
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    pub fn with_mass_silence_interval(mut self, interval: Duration) -> Self {
+        self.mass_silence_interval = interval;
+        self
+    }
+
+    /// The health manager's decision for this pass, and an event when a
+    /// mass silence begins or ends.
+    fn lost_policy(&self, snapshot: &Snapshot, events: &mut Vec<EventRecord>) -> LostPolicy {
+        if self.started.elapsed() < self.grace {
+            return LostPolicy::None;
+        }
+        let silent: Vec<&str> = snapshot
+            .nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .filter(|n| !snapshot.alive.contains(*n))
+            .collect();
+        let total = snapshot.nodes.len();
+        let mass = total >= 3 && silent.len() * 2 > total;
+        let mut state = self.mass.lock().unwrap_or_else(|p| p.into_inner());
+        if mass != state.active {
+            state.active = mass;
+            let message = if mass {
+                format!(
+                    "{} of {total} nodes went silent at once: more likely the network than the nodes, so their instances are replaced one node every {} s",
+                    silent.len(),
+                    self.mass_silence_interval.as_secs()
+                )
+            } else {
+                "most nodes are heard again: lost nodes' instances are replaced at once again"
+                    .to_owned()
+            };
+            events.push(EventRecord {
+                time_ms: now_ms(),
+                project: None,
+                app: None,
+                reason: if mass {
+                    "mass-silence"
+                } else {
+                    "mass-silence-over"
+                }
+                .to_owned(),
+                message,
+            });
+        }
+        if !mass {
+            return LostPolicy::All;
+        }
+        let due = state
+            .last_replacement
+            .is_none_or(|t| t.elapsed() >= self.mass_silence_interval);
+        // The first silent node that still has instances, if one is due.
+        let next = silent.iter().find(|node| {
+            snapshot
+                .instances
+                .iter()
+                .any(|(i, _)| i.node.as_deref() == Some(**node))
+        });
+        match next {
+            Some(node) if due => {
+                state.last_replacement = Some(Instant::now());
+                LostPolicy::Only(BTreeSet::from([(*node).to_owned()]))
+            }
+            _ => LostPolicy::Only(BTreeSet::new()),
+        }
     }
 
     pub async fn snapshot(&self) -> Result<Snapshot, ApiError> {
@@ -409,7 +708,29 @@ impl Reconciler {
                 with_revisions.push((app, decode(&kv)?));
             }
         }
-        let alive = alive_nodes(store).await?;
+        let statuses: Vec<(StatusRecord, Revision)> =
+            list_records(store, &status_keys::statuses(None)).await?;
+        let statuses = statuses
+            .into_iter()
+            .map(|(s, revision)| {
+                let i = &s.status.instance;
+                let key = status_keys::status(&i.project, &i.app, &i.id);
+                (s, key, revision)
+            })
+            .collect();
+        let mut health = BTreeMap::new();
+        let page = store
+            .range(&keel_store::RangeRequest::prefix("/keel/health/"))
+            .await?;
+        for kv in &page.kvs {
+            let rest = kv.key.trim_start_matches("/keel/health/");
+            if let Some((project, app)) = rest.split_once('/') {
+                health.insert(
+                    (project.to_owned(), app.to_owned()),
+                    (decode(kv)?, kv.mod_revision),
+                );
+            }
+        }
         Ok(Snapshot {
             apps: with_revisions,
             instances: list_records(store, &instance_keys::instances(None)).await?,
@@ -418,14 +739,21 @@ impl Reconciler {
                 .into_iter()
                 .map(|(n, _)| n)
                 .collect(),
-            alive,
+            alive: alive_nodes(store).await?,
+            statuses,
+            health,
+            now_ms: now_ms(),
+            lost: LostPolicy::All,
         })
     }
 
     /// One pass; returns how many changes were written.
     pub async fn pass(&self) -> Result<usize, ApiError> {
-        let snapshot = self.snapshot().await?;
-        let plan = plan(&snapshot, &mut random_id);
+        let mut snapshot = self.snapshot().await?;
+        let mut health_events = Vec::new();
+        snapshot.lost = self.lost_policy(&snapshot, &mut health_events);
+        let mut plan = plan(&snapshot, &mut random_id);
+        plan.events.extend(health_events);
         let mut written = 0;
         for change in plan.changes {
             let txn = match &change {
@@ -452,6 +780,19 @@ impl Reconciler {
                         *mod_revision,
                     )])
                     .and_then([Op::delete(record.key())]),
+                Change::Put {
+                    key,
+                    value,
+                    mod_revision,
+                } => Txn::new()
+                    .when([match mod_revision {
+                        Some(revision) => Compare::mod_revision(key, CompareOp::Equal, *revision),
+                        None => Compare::missing(key),
+                    }])
+                    .and_then([Op::put(key, value.clone())]),
+                Change::Remove { key, mod_revision } => Txn::new()
+                    .when([Compare::mod_revision(key, CompareOp::Equal, *mod_revision)])
+                    .and_then([Op::delete(key)]),
             };
             if self.store.txn(txn).await?.succeeded {
                 written += 1;
@@ -502,6 +843,12 @@ impl Reconciler {
                 tokio::select! {
                     alive = woken => if !alive { watch = None; },
                     () = tokio::time::sleep(period) => {}
+                }
+                // Let a burst of writes (a deploy, a round of reports) land,
+                // and take it in one pass rather than one pass per write.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if let Some(stream) = watch.as_mut() {
+                    while let Some(Some(Ok(_))) = stream.next().now_or_never() {}
                 }
             }
         })
