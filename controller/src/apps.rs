@@ -5,6 +5,7 @@
 //! store watches) can act on it. Every write is a compare-and-swap on the
 //! records it read, so two concurrent applies never lose one another.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use keel_manifest::AppManifest;
@@ -78,6 +79,18 @@ pub(crate) fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
     )]))
 }
 
+/// The route claim keys of a manifest.
+fn claims(manifest: Option<&AppManifest>) -> BTreeSet<String> {
+    manifest
+        .map(|m| {
+            m.routes
+                .iter()
+                .map(|r| keys::route_claim(&r.host, &r.path))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn event_ops(sequence: Revision, events: &[EventRecord]) -> Result<Vec<Op>, ApiError> {
     let nonce = getrandom::u32().map_err(|e| ApiError::Internal(format!("no randomness: {e}")))?;
     events
@@ -110,6 +123,41 @@ impl Apps {
     async fn list<T: DeserializeOwned>(&self, prefix: String) -> Result<Vec<T>, ApiError> {
         let records = list_records(self.store.as_ref(), &prefix).await?;
         Ok(records.into_iter().map(|(record, _)| record).collect())
+    }
+
+    /// The compares and writes that move an app's route claims from those
+    /// of `old` to those of `new`, or a conflict naming the app that holds
+    /// a route already.
+    async fn claim_routes(
+        &self,
+        project: &str,
+        name: &str,
+        old: Option<&AppManifest>,
+        new: Option<&AppManifest>,
+    ) -> Result<(Vec<Compare>, Vec<Op>), ApiError> {
+        let owner = format!("{project}/{name}");
+        let (old, new) = (claims(old), claims(new));
+        let (mut compares, mut ops) = (Vec::new(), Vec::new());
+        for key in &new {
+            match self.store.get(key).await? {
+                Some(kv) if kv.value != owner.as_bytes() => {
+                    let route = key.trim_start_matches("/keel/route-claims/");
+                    return Err(ApiError::Conflict(format!(
+                        "route {route} is already served by app {}",
+                        String::from_utf8_lossy(&kv.value)
+                    )));
+                }
+                Some(_) => compares.push(Compare::value(key, CompareOp::Equal, owner.as_bytes())),
+                None => {
+                    compares.push(Compare::missing(key));
+                    ops.push(Op::put(key, owner.as_bytes()));
+                }
+            }
+        }
+        for key in old.difference(&new) {
+            ops.push(Op::delete(key));
+        }
+        Ok((compares, ops))
     }
 
     /// Writes `ops` plus the events, with the events keyed after the store's
@@ -194,10 +242,12 @@ impl Apps {
         let (project, name) = (manifest.project.as_str(), manifest.name.as_str());
         let app_key = keys::app(project, name);
         let now = now_ms();
+        let mut current_manifest = None;
         let (app, compare, created) = match self.store.get(&app_key).await? {
             Some(kv) => {
                 let app: AppRecord = decode(&kv)?;
                 let current = self.revision(project, name, app.revision).await?;
+                current_manifest = Some(current.manifest.clone());
                 if current.manifest.canonical_json() == manifest.canonical_json() {
                     return Ok(Some(Applied {
                         app,
@@ -252,11 +302,16 @@ impl Apps {
                 manifest.image
             ),
         ));
-        let ops = vec![
-            Op::put(&app_key, encode(&app)?),
-            Op::put(keys::revision(project, name, number), encode(&revision)?),
-        ];
-        if !self.commit(vec![compare], ops, &events).await? {
+        let (mut compares, mut ops) = self
+            .claim_routes(project, name, current_manifest.as_ref(), Some(manifest))
+            .await?;
+        compares.push(compare);
+        ops.push(Op::put(&app_key, encode(&app)?));
+        ops.push(Op::put(
+            keys::revision(project, name, number),
+            encode(&revision)?,
+        ));
+        if !self.commit(compares, ops, &events).await? {
             return Ok(None);
         }
         Ok(Some(Applied {
@@ -342,6 +397,10 @@ impl Apps {
                 )));
             }
             let old = self.revision(project, name, target).await?;
+            let current = self.revision(project, name, app.revision).await?;
+            let (mut compares, mut ops) = self
+                .claim_routes(project, name, Some(&current.manifest), Some(&old.manifest))
+                .await?;
             let now = now_ms();
             let number = app.latest_revision + 1;
             let revision = RevisionRecord {
@@ -367,12 +426,17 @@ impl Apps {
                 ),
             )];
             let app_key = keys::app(project, name);
-            let ops = vec![
-                Op::put(&app_key, encode(&app)?),
-                Op::put(keys::revision(project, name, number), encode(&revision)?),
-            ];
-            let compare = Compare::mod_revision(&app_key, CompareOp::Equal, kv.mod_revision);
-            if self.commit(vec![compare], ops, &events).await? {
+            ops.push(Op::put(&app_key, encode(&app)?));
+            ops.push(Op::put(
+                keys::revision(project, name, number),
+                encode(&revision)?,
+            ));
+            compares.push(Compare::mod_revision(
+                &app_key,
+                CompareOp::Equal,
+                kv.mod_revision,
+            ));
+            if self.commit(compares, ops, &events).await? {
                 return Ok(Applied {
                     app,
                     revision,
@@ -389,7 +453,11 @@ impl Apps {
     /// Deletes an app and its revisions.
     pub async fn delete(&self, project: &str, name: &str) -> Result<AppRecord, ApiError> {
         let (app, kv) = self.app_kv(project, name).await?;
-        let mut ops = vec![Op::delete(keys::app(project, name))];
+        let current = self.revision(project, name, app.revision).await.ok();
+        let (_, mut ops) = self
+            .claim_routes(project, name, current.as_ref().map(|r| &r.manifest), None)
+            .await?;
+        ops.push(Op::delete(keys::app(project, name)));
         ops.extend((1..=app.latest_revision).map(|n| Op::delete(keys::revision(project, name, n))));
         let events = [event(
             project,

@@ -16,6 +16,7 @@ pub mod instances;
 pub mod nodes;
 pub mod reconcile;
 pub mod records;
+pub mod routes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -91,6 +92,7 @@ impl Server {
             apps: apps::Apps::new(store.clone()),
             nodes: Arc::new(nodes::Nodes::new(store.clone(), config.node_lost_after)),
             agents: agents::Agents::new(store.clone()),
+            routes: routes::Routes::new(store.clone()),
             auth: Arc::new(auth),
         };
         let listener = tokio::net::TcpListener::bind(config.listen)

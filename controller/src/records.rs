@@ -64,6 +64,11 @@ pub mod keys {
     pub fn events() -> String {
         "/keel/events/".to_owned()
     }
+    /// Which app serves a host and path prefix: one owner each, taken in
+    /// the same transaction as the revision that routes it.
+    pub fn route_claim(host: &str, path: &str) -> String {
+        format!("/keel/route-claims/{host}{path}")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

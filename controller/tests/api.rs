@@ -670,3 +670,119 @@ async fn agents_stream_their_instances_and_report_what_runs() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "a malformed report");
 }
+
+const ROUTED: &str = "name: web\nproject: shop\nimage: keel/test-server:1\ninstances: 1\nports:\n  - name: http\n    port: 8080\nroutes:\n  - host: shop.example.com\n";
+
+#[tokio::test]
+async fn a_route_has_one_owner_and_the_table_follows_ready_instances() {
+    let h = Harness::start().await;
+    let json = "application/json";
+    assert_eq!(h.apply(ROUTED).await.0, StatusCode::CREATED);
+    let thief = ROUTED.replace("name: web", "name: thief");
+    let (status, body) = h.apply(&thief).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("shop.example.com/ is already served by app shop/web"),
+        "{body}"
+    );
+    let (status, _) = h.get("/v1/projects/shop/apps/thief").await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "the refused apply left nothing behind"
+    );
+
+    // A router node streams the table; an ordinary node may not.
+    let registration_with =
+        |name: &str, roles: &str| registration(name, "eu-a").replace(r#"["worker"]"#, roles);
+    let (_, body) = h
+        .call_as(
+            &h.join_token,
+            Method::POST,
+            "/v1/nodes",
+            Some((json, &registration_with("r1", r#"["worker","router"]"#))),
+        )
+        .await;
+    let router_token = body["token"].as_str().unwrap().to_owned();
+    let (_, body) = h
+        .call_as(
+            &h.join_token,
+            Method::POST,
+            "/v1/nodes",
+            Some((json, &registration_with("w1", r#"["worker"]"#))),
+        )
+        .await;
+    let worker_token = body["token"].as_str().unwrap().to_owned();
+    let (status, _) = h
+        .call_as(&worker_token, Method::GET, "/v1/routes/watch?node=w1", None)
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = h
+        .call_as(&worker_token, Method::GET, "/v1/routes/watch?node=r1", None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a node cannot pose as another"
+    );
+
+    let mut stream = h
+        .client
+        .get(format!("http://{}/v1/routes/watch?node=r1", h.addr()))
+        .bearer_auth(&router_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    let mut buffer = String::new();
+    read_stream(&mut stream, &mut buffer, |table| {
+        let route = &table["routes"][0];
+        assert_eq!(
+            (route["host"].as_str(), route["app"].as_str()),
+            (Some("shop.example.com"), Some("web"))
+        );
+        true
+    })
+    .await;
+
+    // The instance becomes ready on whichever node it was placed.
+    let (node, id) = loop {
+        let (_, instances) = h.get("/v1/projects/shop/apps/web/instances").await;
+        if let Some(node) = instances[0]["node"].as_str() {
+            break (
+                node.to_owned(),
+                instances[0]["id"].as_str().unwrap().to_owned(),
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let token = if node == "r1" {
+        &router_token
+    } else {
+        &worker_token
+    };
+    let report = format!(
+        r#"{{"instances":[{{"project":"shop","app":"web","id":"{id}","state":"running","ready":true,"ports":{{"http":"127.0.0.2:31000"}}}}]}}"#
+    );
+    h.call_as(
+        token,
+        Method::POST,
+        &format!("/v1/nodes/{node}/status"),
+        Some((json, &report)),
+    )
+    .await;
+    read_stream(&mut stream, &mut buffer, |table| {
+        table["routes"][0]["backends"] == serde_json::json!(["127.0.0.2:31000"])
+    })
+    .await;
+    let (_, table) = h.get("/v1/routes").await;
+    assert_eq!(table["routes"][0]["backends"][0], "127.0.0.2:31000");
+
+    // Deleting the app frees its route for another.
+    h.call(Method::DELETE, "/v1/projects/shop/apps/web", None)
+        .await;
+    assert_eq!(h.apply(&thief).await.0, StatusCode::CREATED);
+}

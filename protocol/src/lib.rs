@@ -133,3 +133,42 @@ mod tests {
         );
     }
 }
+
+/// How a route treats TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteTls {
+    /// The router terminates TLS and forwards plain HTTP.
+    Terminate,
+    /// The router forwards the TLS stream untouched, chosen by SNI.
+    Passthrough,
+    /// Plain HTTP.
+    Off,
+}
+
+/// One route and where its traffic may go now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteEntry {
+    pub host: String,
+    /// Matched per path segment; `/` is everything.
+    pub path: String,
+    pub tls: RouteTls,
+    pub project: String,
+    pub app: String,
+    /// The app's port name the route goes to.
+    pub port: String,
+    /// `http` or `tcp`.
+    pub protocol: String,
+    /// `address:port` of every ready instance, sorted; empty: answer 503.
+    pub backends: Vec<String>,
+}
+
+/// Every route of the cluster, as of `generation` (a store revision).
+/// Routers swap it in whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTable {
+    pub generation: i64,
+    pub routes: Vec<RouteEntry>,
+}

@@ -36,6 +36,7 @@ use crate::apps::{Applied, Apps};
 use crate::auth::Auth;
 use crate::nodes::{NodeView, Nodes, Registered, Registration};
 use crate::records::{AppRecord, EventRecord, ProjectRecord, RevisionRecord};
+use crate::routes::Routes;
 use error::ErrorBody;
 use openapi::{Internal, TooLarge, Unauthorized, Unavailable};
 
@@ -48,6 +49,8 @@ pub const BODY_LIMIT_BYTES: usize = 1 << 20;
 /// has exactly these. Keep in step with `admin_routes` and
 /// `agent_routes`.
 pub const ROUTES: &[(Method, &str, &str)] = &[
+    (Method::GET, "/v1/routes", "/v1/routes"),
+    (Method::GET, "/v1/routes/watch", "/v1/routes/watch"),
     (Method::GET, "/v1/instances", "/v1/instances"),
     (
         Method::GET,
@@ -121,6 +124,7 @@ pub struct ApiState {
     pub apps: Apps,
     pub nodes: Arc<Nodes>,
     pub agents: Agents,
+    pub routes: Routes,
     pub auth: Arc<Auth>,
 }
 
@@ -141,6 +145,7 @@ fn admin_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(drain_node))
         .routes(routes!(undrain_node))
         .routes(routes!(list_instances))
+        .routes(routes!(route_table))
         .routes(routes!(app_instances))
 }
 
@@ -152,6 +157,7 @@ fn agent_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(heartbeat))
         .routes(routes!(watch_instances))
         .routes(routes!(report_status))
+        .routes(routes!(watch_routes))
 }
 
 pub fn router(state: ApiState) -> axum::Router {
@@ -886,17 +892,22 @@ async fn watch_instances(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize_node(&state, &node, &headers).await?;
-    let messages = state.agents.watch(&node).await?;
+    Ok(ndjson(state.agents.watch(&node).await?))
+}
+
+/// A channel of messages as a newline-delimited JSON response, open until
+/// the sender is dropped or the client goes.
+fn ndjson<T: Serialize + Send + 'static>(messages: tokio::sync::mpsc::Receiver<T>) -> Response {
     let lines = tokio_stream::wrappers::ReceiverStream::new(messages).map(|message| {
         let mut line = serde_json::to_vec(&message).unwrap_or_default();
         line.push(b'\n');
         Ok::<_, std::convert::Infallible>(Bytes::from(line))
     });
-    Ok((
+    (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         axum::body::Body::from_stream(lines),
     )
-        .into_response())
+        .into_response()
 }
 
 /// What a status report changed.
@@ -1017,4 +1028,85 @@ async fn app_instances(
 ) -> Result<Response, ApiError> {
     state.apps.app(&project, &app).await?;
     Ok(Json(state.agents.instances(Some((&project, &app))).await?).into_response())
+}
+
+/// Shows the route table
+///
+/// Every route of every app with the addresses of its ready instances, as
+/// routers receive it.
+#[utoipa::path(
+    get,
+    path = "/v1/routes",
+    tag = "routes",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The route table.", body = keel_protocol::RouteTable),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn route_table(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    Ok(Json(state.routes.table().await?).into_response())
+}
+
+/// Which node's router is asking.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct RouterQuery {
+    /// The router's node, which must have the `router` role.
+    node: String,
+}
+
+/// Streams the route table to a router
+///
+/// Newline-delimited JSON, one whole `RouteTable` a line: the table now,
+/// then again each time it changes. Takes the credential of a node with the
+/// `router` role (or the admin token).
+#[utoipa::path(
+    get,
+    path = "/v1/routes/watch",
+    tag = "routes",
+    security(("node_credential" = []), ("admin_token" = [])),
+    params(RouterQuery),
+    responses(
+        (status = 200, description = "The stream, one `RouteTable` per line.", body = keel_protocol::RouteTable, content_type = "application/x-ndjson"),
+        (status = 400, description = "No `node`, or an unknown query parameter.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "With the admin token: there is no such node.", body = ErrorBody),
+        (status = 422, description = "The node does not have the `router` role.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn watch_routes(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    raw: Result<Query<RouterQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let token = bearer(&headers).ok_or(ApiError::Unauthorized)?;
+    // Without a node to check the credential against, only the admin
+    // learns what was wrong with the query.
+    let query = match query(raw) {
+        Ok(query) => query,
+        Err(error) if state.auth.is_admin(token) => return Err(error),
+        Err(_) => return Err(ApiError::Unauthorized),
+    };
+    authorize_node(&state, &query.node, &headers).await?;
+    if !state.auth.is_admin(token)
+        && !state
+            .nodes
+            .show(&query.node)
+            .await?
+            .roles
+            .iter()
+            .any(|r| r == "router")
+    {
+        return Err(ApiError::Unprocessable(format!(
+            "node {} does not have the router role; register it with --roles router",
+            query.node
+        )));
+    }
+    Ok(ndjson(state.routes.watch().await?))
 }

@@ -57,6 +57,7 @@ This document is served without a token at `GET /v1/openapi.json`.";
         (name = "apps", description = "Apps, their revisions, rollback and deletion."),
         (name = "events", description = "What happened, oldest first."),
         (name = "nodes", description = "Nodes: registration and heartbeats (by agents), listing and draining (by operators)."),
+        (name = "routes", description = "The route table routers serve."),
     ),
 )]
 struct ApiDoc;

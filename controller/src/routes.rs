@@ -1,0 +1,162 @@
+//! The route table: every route of every app with the addresses of its
+//! ready instances, computed from the store, and published to routers as a
+//! stream that sends the whole table again whenever it changes.
+//!
+//! Routers swap the table in whole, so each message is self-contained: a
+//! router that missed one loses nothing by taking the next.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use keel_manifest::{Protocol, TlsMode};
+use keel_protocol::{InstanceRef, RouteEntry, RouteTable, RouteTls};
+use keel_store::{Revision, Store};
+use tokio::sync::mpsc;
+
+use crate::agents::{StatusRecord, status_keys};
+use crate::api::ApiError;
+use crate::apps::{decode, list_records};
+use crate::instances::{InstanceRecord, keys as instance_keys};
+use crate::records::{AppRecord, RevisionRecord, keys};
+
+#[derive(Debug, Clone)]
+pub struct Routes {
+    store: Arc<dyn Store>,
+}
+
+impl Routes {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+
+    /// The table as the store holds it now.
+    pub async fn table(&self) -> Result<RouteTable, ApiError> {
+        let store = self.store.as_ref();
+        let generation = store.status().await?.revision;
+        let apps: Vec<(AppRecord, Revision)> = list_records(store, &keys::apps(None)).await?;
+        let instances: Vec<(InstanceRecord, Revision)> =
+            list_records(store, &instance_keys::instances(None)).await?;
+        let statuses: Vec<(StatusRecord, Revision)> =
+            list_records(store, &status_keys::statuses(None)).await?;
+        let statuses: BTreeMap<InstanceRef, StatusRecord> = statuses
+            .into_iter()
+            .map(|(s, _)| (s.status.instance.clone(), s))
+            .collect();
+        // Ready instances of each app, with the ports their agents published.
+        let mut ready: BTreeMap<(String, String), Vec<&StatusRecord>> = BTreeMap::new();
+        for (instance, _) in &instances {
+            let reference = InstanceRef {
+                project: instance.project.clone(),
+                app: instance.app.clone(),
+                id: instance.id.clone(),
+            };
+            if let Some(status) = statuses.get(&reference)
+                && status.status.ready
+                && instance.node.as_deref() == Some(status.node.as_str())
+            {
+                ready
+                    .entry((instance.project.clone(), instance.app.clone()))
+                    .or_default()
+                    .push(status);
+            }
+        }
+        let mut routes = Vec::new();
+        for (app, _) in apps {
+            let Some(kv) = store
+                .get(&keys::revision(&app.project, &app.name, app.revision))
+                .await?
+            else {
+                continue;
+            };
+            let revision: RevisionRecord = decode(&kv)?;
+            let manifest = &revision.manifest;
+            let serving = ready.get(&(app.project.clone(), app.name.clone()));
+            for route in &manifest.routes {
+                let protocol = manifest
+                    .ports
+                    .iter()
+                    .find(|p| p.name == route.port)
+                    .map_or(Protocol::Http, |p| p.protocol);
+                let mut backends: Vec<String> = serving
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.status.ports.get(&route.port).cloned())
+                    .collect();
+                backends.sort();
+                routes.push(RouteEntry {
+                    host: route.host.clone(),
+                    path: route.path.clone(),
+                    tls: match route.tls {
+                        TlsMode::Terminate => RouteTls::Terminate,
+                        TlsMode::Passthrough => RouteTls::Passthrough,
+                        TlsMode::Off => RouteTls::Off,
+                    },
+                    project: app.project.clone(),
+                    app: app.name.clone(),
+                    port: route.port.clone(),
+                    protocol: match protocol {
+                        Protocol::Http => "http",
+                        Protocol::Tcp => "tcp",
+                    }
+                    .to_owned(),
+                    backends,
+                });
+            }
+        }
+        routes.sort_by(|a, b| (&a.host, &a.path).cmp(&(&b.host, &b.path)));
+        Ok(RouteTable { generation, routes })
+    }
+
+    /// The table now, then again each time it changes, until the receiver
+    /// is dropped or the store closes.
+    pub async fn watch(&self) -> Result<mpsc::Receiver<RouteTable>, ApiError> {
+        let first = self.table().await?;
+        let mut changes = self.store.watch("/keel/", first.generation + 1).await?;
+        let (tx, rx) = mpsc::channel(4);
+        let _ = tx.try_send(first.clone());
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut last = first.routes;
+            loop {
+                // Wait for a change that can move the table...
+                let relevant = loop {
+                    match changes.next().await {
+                        Some(Ok(event)) if moves_routes(&event.kv.key) => break true,
+                        Some(Ok(_)) => continue,
+                        _ => break false,
+                    }
+                };
+                if !relevant {
+                    return;
+                }
+                // ...let its burst land, then compute once.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                while let Some(Some(Ok(_))) = changes.next().now_or_never() {}
+                let Ok(table) = this.table().await else {
+                    return;
+                };
+                if table.routes != last {
+                    last = table.routes.clone();
+                    if tx.send(table).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+/// Keys whose changes can change the route table.
+fn moves_routes(key: &str) -> bool {
+    [
+        "/keel/apps/",
+        "/keel/revisions/",
+        "/keel/instances/",
+        "/keel/status/",
+    ]
+    .iter()
+    .any(|prefix| key.starts_with(prefix))
+}
