@@ -45,6 +45,10 @@ struct ServerArgs {
     /// client URLs).
     #[arg(long, env = "KEEL_ETCD", value_delimiter = ',')]
     etcd: Vec<String>,
+    /// Seconds without a heartbeat after which a node is lost and its
+    /// instances are replaced elsewhere.
+    #[arg(long, env = "KEEL_NODE_LOST_AFTER", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    node_lost_after: u64,
 }
 
 /// `/var/lib/keel` for root (a service), `~/.local/share/keel` otherwise.
@@ -91,6 +95,7 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let store = (!args.etcd.is_empty()).then(|| StoreConfig::etcd(args.etcd.clone()));
     let mut config = ServerConfig::new(args.listen, args.data_dir.clone());
     config.store = store;
+    config.node_lost_after = std::time::Duration::from_secs(args.node_lost_after);
     let server = Server::start(config).await?;
     println!("Keel API: http://{}", server.addr);
     match &server.new_admin_token {

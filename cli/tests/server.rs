@@ -83,6 +83,17 @@ fn bad_flags_are_a_clear_error_and_a_non_zero_exit() {
         "{stderr}"
     );
 
+    let output = keel()
+        .args(["server", "--node-lost-after", "0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--node-lost-after") && stderr.contains("1..=3600"),
+        "{stderr}"
+    );
+
     let output = keel().args(["server", "--colour", "red"]).output().unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--colour"));

@@ -786,3 +786,80 @@ async fn a_route_has_one_owner_and_the_table_follows_ready_instances() {
         .await;
     assert_eq!(h.apply(&thief).await.0, StatusCode::CREATED);
 }
+
+/// No input makes a handler fail with a 5xx or take the server down: every
+/// route, with the admin token and with a node's, gets bodies and paths of
+/// every wrong shape.
+#[tokio::test]
+async fn no_input_makes_any_route_fail_or_panic() {
+    let h = Harness::start().await;
+    h.apply(APP).await;
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let bodies: Vec<(&str, Vec<u8>)> = vec![
+        ("application/json", b"".to_vec()),
+        ("application/json", b"{".to_vec()),
+        ("application/json", b"null".to_vec()),
+        ("application/json", b"[]".to_vec()),
+        (
+            "application/json",
+            b"{\"name\": 12, \"revision\": -1}".to_vec(),
+        ),
+        (
+            "application/json",
+            b"{\"revision\": 99999999999999999999999}".to_vec(),
+        ),
+        ("application/json", deep.into_bytes()),
+        ("application/json", vec![0xff, 0xfe, 0x00, 0x80]),
+        ("application/yaml", b"name: [unclosed".to_vec()),
+        ("application/yaml", b"&a [*a]".to_vec()),
+        ("application/yaml", "name: \u{0}\u{7}".as_bytes().to_vec()),
+        ("text/plain", b"\x00\x01\x02".to_vec()),
+    ];
+    let weird_names = [
+        "%00",
+        "..",
+        "a%2Fb",
+        &"x".repeat(300),
+        "%F0%9F%92%A9",
+        "-",
+        "Ünïcode",
+    ];
+    for (method, sample, template) in keel_controller::api::ROUTES {
+        let mut paths = vec![sample.to_string()];
+        for name in weird_names {
+            let mut path = template.to_string();
+            for param in ["{project}", "{app}", "{node}", "{revision}"] {
+                path = path.replace(param, name);
+            }
+            paths.push(path);
+        }
+        for path in paths {
+            for token in [&h.token, &h.join_token] {
+                for (content_type, body) in &bodies {
+                    let response = h
+                        .client
+                        .request(method.clone(), format!("http://{}{path}", h.addr()))
+                        .bearer_auth(token)
+                        .header("content-type", *content_type)
+                        .body(body.clone())
+                        .timeout(std::time::Duration::from_secs(2))
+                        .send()
+                        .await;
+                    // Streams stay open: a timeout on them is success.
+                    let Ok(response) = response else { continue };
+                    assert!(
+                        !response.status().is_server_error(),
+                        "{method} {path} ({content_type}) answered {}",
+                        response.status()
+                    );
+                }
+            }
+        }
+    }
+    let (status, _) = h.get("/v1/projects/shop/apps/web").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the server is still up, the app intact"
+    );
+}
