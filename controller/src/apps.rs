@@ -475,6 +475,24 @@ impl Apps {
         Ok(app)
     }
 
+    /// Deletes all but the newest `keep` events; returns how many went.
+    pub async fn prune_events(&self, keep: usize) -> Result<usize, ApiError> {
+        let mut keys = Vec::new();
+        let mut request = Some(RangeRequest::prefix(keys::events()).limit(1000));
+        while let Some(current) = request {
+            let page = self.store.range(&current).await?;
+            keys.extend(page.kvs.iter().map(|kv| kv.key.clone()));
+            request = page.next(&current);
+        }
+        let excess = keys.len().saturating_sub(keep);
+        for chunk in keys[..excess].chunks(500) {
+            self.store
+                .txn(Txn::new().and_then(chunk.iter().map(Op::delete)))
+                .await?;
+        }
+        Ok(excess)
+    }
+
     /// Events, oldest first, optionally of one project or app; at most
     /// `limit`, the newest ones.
     pub async fn events(

@@ -100,6 +100,9 @@ pub struct AppHealth {
     pub reason: Option<String>,
 }
 
+/// The newest events kept; older ones are pruned every minute.
+pub const EVENTS_KEPT: usize = 10_000;
+
 /// An instance restarted this often is crash-looping.
 pub const CRASH_LOOP_RESTARTS: u32 = 3;
 
@@ -817,7 +820,17 @@ impl Reconciler {
     pub fn spawn(self, period: Duration) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let mut watch = None;
+            let mut last_prune = Instant::now();
             loop {
+                if last_prune.elapsed() >= Duration::from_secs(60) {
+                    last_prune = Instant::now();
+                    let apps = crate::apps::Apps::new(self.store.clone());
+                    match apps.prune_events(EVENTS_KEPT).await {
+                        Ok(0) => {}
+                        Ok(pruned) => tracing::debug!(pruned, "old events pruned"),
+                        Err(error) => tracing::warn!(error = %error, "cannot prune events"),
+                    }
+                }
                 if watch.is_none() {
                     watch = self.store.watch("/keel/", 0).await.ok();
                 }

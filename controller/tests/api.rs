@@ -863,3 +863,26 @@ async fn no_input_makes_any_route_fail_or_panic() {
         "the server is still up, the app intact"
     );
 }
+
+#[tokio::test]
+async fn old_events_are_pruned_to_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = keel_store::open(&keel_store::StoreConfig::embedded(
+        dir.path().join("s.redb"),
+    ))
+    .await
+    .unwrap();
+    let apps = keel_controller::apps::Apps::new(store);
+    for i in 0..30 {
+        apps.create_project(&format!("p{i}")).await.unwrap();
+    }
+    assert_eq!(apps.prune_events(10).await.unwrap(), 20);
+    let events = apps.events(None, None, 100).await.unwrap();
+    let projects: Vec<_> = events.iter().map(|e| e.project.clone().unwrap()).collect();
+    assert_eq!(
+        projects,
+        (20..30).map(|i| format!("p{i}")).collect::<Vec<_>>(),
+        "the newest stay, in order"
+    );
+    assert_eq!(apps.prune_events(10).await.unwrap(), 0);
+}
