@@ -166,8 +166,14 @@ impl Agents {
         });
         let (this, node) = (self.clone(), node.to_owned());
         tokio::spawn(async move {
-            while let Some(event) = changes.next().await {
-                let Ok(event) = event else { break };
+            loop {
+                // A client that went away ends the task (and its watch) at
+                // once, not at the next change.
+                let event = tokio::select! {
+                    event = changes.next() => event,
+                    () = tx.closed() => return,
+                };
+                let Some(Ok(event)) = event else { break };
                 let generation = event.revision();
                 let message = match event.kind {
                     EventKind::Put => {

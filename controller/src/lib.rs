@@ -65,6 +65,7 @@ pub struct Server {
     pub new_join_token: Option<NewToken>,
     pub join_token_file: PathBuf,
     shutdown: tokio::sync::oneshot::Sender<()>,
+    stopping: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     reconciler: tokio::task::JoinHandle<()>,
 }
@@ -84,6 +85,7 @@ impl Server {
         let store = keel_store::open(&store_config)
             .await
             .context("cannot open the cluster store")?;
+        let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
         let admin_token_file = config.data_dir.join("admin.token");
         let join_token_file = config.data_dir.join("join.token");
         let (auth, new_admin_token, new_join_token) =
@@ -94,6 +96,7 @@ impl Server {
             agents: agents::Agents::new(store.clone()),
             routes: routes::Routes::new(store.clone()),
             auth: Arc::new(auth),
+            stopping: stopping_rx,
         };
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -121,6 +124,7 @@ impl Server {
             new_join_token,
             join_token_file,
             shutdown,
+            stopping,
             task,
             reconciler,
         })
@@ -128,6 +132,7 @@ impl Server {
 
     /// Stops accepting, finishes in-flight requests, and closes the store.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stopping.send(true);
         let _ = self.shutdown.send(());
         self.task.await.context("API task panicked")??;
         self.reconciler.abort();

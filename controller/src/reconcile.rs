@@ -57,6 +57,9 @@ pub struct Snapshot {
     pub statuses: Vec<(StatusRecord, String, Revision)>,
     /// Each app's health record, with its mod revision.
     pub health: BTreeMap<(String, String), (AppHealth, Revision)>,
+    /// The template (see [`template`]) of every revision that instances
+    /// or apps refer to.
+    pub templates: BTreeMap<(String, String, u64), Vec<u8>>,
     /// The wall clock, for `min_ready`.
     pub now_ms: u64,
     /// Which lost nodes' instances may be replaced in this pass.
@@ -98,6 +101,16 @@ pub struct AppHealth {
     /// The last failure, in words, while degraded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// What an instance runs: the manifest without the count and the update
+/// strategy, which change how many run and how they are replaced, not what
+/// each one is. Two revisions with one template run the same instances.
+pub fn template(manifest: &AppManifest) -> Vec<u8> {
+    let mut manifest = manifest.clone();
+    manifest.instances = Instances::Count(0);
+    manifest.update = keel_manifest::Update::default();
+    manifest.canonical_json()
 }
 
 /// The newest events kept; older ones are pruned every minute.
@@ -210,15 +223,22 @@ struct Kept {
     placed: usize,
     /// With their mod revision; `None` for those created in this pass.
     unplaced: Vec<(InstanceRecord, Option<Revision>)>,
+    /// Running instances of an older revision that runs the same thing,
+    /// now of the current one (a scale, or a change to the update
+    /// strategy): their records are rewritten, the instances left alone.
+    adopted: Vec<(InstanceRecord, Revision)>,
 }
 
 impl Kept {
-    fn keep(&mut self, record: InstanceRecord, mod_revision: Revision) {
+    fn keep(&mut self, record: InstanceRecord, mod_revision: Revision, adopted: &BTreeSet<String>) {
         self.count += 1;
-        if record.node.is_some() {
-            self.placed += 1;
-        } else {
+        if record.node.is_none() {
             self.unplaced.push((record, Some(mod_revision)));
+            return;
+        }
+        self.placed += 1;
+        if adopted.contains(&record.id) {
+            self.adopted.push((record, mod_revision));
         }
     }
 
@@ -428,7 +448,30 @@ pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan 
     {
         let manifest = &revision.manifest;
         let request = request(app, manifest);
-        let instances = live.remove(&key).unwrap_or_default();
+        // Placed instances of an older revision whose template (all but the
+        // count and the update strategy) is the current one's are adopted.
+        let template = |revision: u64| {
+            snapshot
+                .templates
+                .get(&(app.project.clone(), app.name.clone(), revision))
+        };
+        let mut adopted = BTreeSet::new();
+        let instances: Vec<(InstanceRecord, Revision)> = live
+            .remove(&key)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(mut record, mod_revision)| {
+                if record.revision != app.revision
+                    && record.node.is_some()
+                    && template(app.revision).is_some()
+                    && template(record.revision) == template(app.revision)
+                {
+                    record.revision = app.revision;
+                    adopted.insert(record.id.clone());
+                }
+                (record, mod_revision)
+            })
+            .collect();
         let (current, old): (Vec<_>, Vec<_>) = instances
             .into_iter()
             .partition(|(i, _)| i.revision == app.revision);
@@ -464,7 +507,7 @@ pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan 
                 }
                 let mut ready_count = current.iter().filter(|(r, _)| ready(r)).count();
                 for (record, mod_revision) in current {
-                    kept.keep(record, mod_revision);
+                    kept.keep(record, mod_revision, &adopted);
                 }
                 // The old revision: unplaced ones serve nothing and go now.
                 let (old, unplaced_old): (Vec<_>, Vec<_>) =
@@ -510,7 +553,7 @@ pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan 
                     let pinned = record.pinned_node.clone().unwrap_or_default();
                     if eligible.contains(&pinned) && !covered.contains_key(&pinned) {
                         covered.insert(pinned, ready(&record));
-                        kept.keep(record, mod_revision);
+                        kept.keep(record, mod_revision, &adopted);
                     } else {
                         remove(&mut cluster, &request, &mut out, record, mod_revision);
                     }
@@ -532,6 +575,13 @@ pub fn plan(snapshot: &Snapshot, new_id: &mut dyn FnMut(u64) -> String) -> Plan 
                     }
                 }
             }
+        }
+
+        for (record, mod_revision) in kept.adopted {
+            out.changes.push(Change::Update {
+                record,
+                mod_revision,
+            });
         }
 
         // Reasons that are new for some instance, counted, so that a pass
@@ -708,7 +758,7 @@ impl Reconciler {
                 .await?;
             // An app whose revision is missing is mid-delete: skip it.
             if let Some(kv) = kv {
-                with_revisions.push((app, decode(&kv)?));
+                with_revisions.push((app, decode::<RevisionRecord>(&kv)?));
             }
         }
         let statuses: Vec<(StatusRecord, Revision)> =
@@ -734,9 +784,34 @@ impl Reconciler {
                 );
             }
         }
+        let instances: Vec<(InstanceRecord, Revision)> =
+            list_records(store, &instance_keys::instances(None)).await?;
+        let mut templates = BTreeMap::new();
+        for (app, revision) in &with_revisions {
+            templates.insert(
+                (app.project.clone(), app.name.clone(), app.revision),
+                template(&revision.manifest),
+            );
+        }
+        for (instance, _) in &instances {
+            let key = (
+                instance.project.clone(),
+                instance.app.clone(),
+                instance.revision,
+            );
+            if templates.contains_key(&key) {
+                continue;
+            }
+            let revision = store.get(&keys::revision(&key.0, &key.1, key.2)).await?;
+            if let Some(kv) = revision {
+                let revision: RevisionRecord = decode(&kv)?;
+                templates.insert(key, template(&revision.manifest));
+            }
+        }
         Ok(Snapshot {
             apps: with_revisions,
-            instances: list_records(store, &instance_keys::instances(None)).await?,
+            instances,
+            templates,
             nodes: list_records::<NodeRecord>(store, &keys::nodes())
                 .await?
                 .into_iter()

@@ -122,7 +122,11 @@ impl Routes {
             loop {
                 // Wait for a change that can move the table...
                 let relevant = loop {
-                    match changes.next().await {
+                    let event = tokio::select! {
+                        event = changes.next() => event,
+                        () = tx.closed() => return,
+                    };
+                    match event {
                         Some(Ok(event)) if moves_routes(&event.kv.key) => break true,
                         Some(Ok(_)) => continue,
                         _ => break false,

@@ -886,3 +886,44 @@ async fn old_events_are_pruned_to_the_newest() {
     );
     assert_eq!(apps.prune_events(10).await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn a_graceful_stop_ends_open_streams_and_releases_the_store() {
+    let mut h = Harness::start().await;
+    let json = "application/json";
+    let (_, body) = h
+        .call_as(
+            &h.join_token,
+            Method::POST,
+            "/v1/nodes",
+            Some((json, &registration("n1", "eu-a"))),
+        )
+        .await;
+    let node_token = body["token"].as_str().unwrap().to_owned();
+    let mut stream = h
+        .client
+        .get(format!("http://{}/v1/nodes/n1/instances/watch", h.addr()))
+        .bearer_auth(&node_token)
+        .send()
+        .await
+        .unwrap();
+    let mut buffer = String::new();
+    read_stream(&mut stream, &mut buffer, |_| true).await;
+
+    let server = h.server.take().unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), server.shutdown())
+        .await
+        .expect("the stop does not wait on the open stream")
+        .unwrap();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), stream.chunk())
+        .await
+        .unwrap();
+    assert!(
+        matches!(end, Ok(None) | Err(_)),
+        "the stream ended: {end:?}"
+    );
+    // The store is closed: the same data directory opens again in-process.
+    h.server = Some(start(h.dir.path()).await);
+    let (status, _) = h.get("/v1/nodes/n1").await;
+    assert_eq!(status, StatusCode::OK);
+}

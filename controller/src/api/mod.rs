@@ -126,6 +126,8 @@ pub struct ApiState {
     pub agents: Agents,
     pub routes: Routes,
     pub auth: Arc<Auth>,
+    /// Becomes true when the controller stops: open streams end then.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The routes that take the admin token. Each handler's path and method
@@ -892,17 +894,30 @@ async fn watch_instances(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize_node(&state, &node, &headers).await?;
-    Ok(ndjson(state.agents.watch(&node).await?))
+    Ok(ndjson(
+        state.agents.watch(&node).await?,
+        state.stopping.clone(),
+    ))
 }
 
 /// A channel of messages as a newline-delimited JSON response, open until
 /// the sender is dropped or the client goes.
-fn ndjson<T: Serialize + Send + 'static>(messages: tokio::sync::mpsc::Receiver<T>) -> Response {
-    let lines = tokio_stream::wrappers::ReceiverStream::new(messages).map(|message| {
-        let mut line = serde_json::to_vec(&message).unwrap_or_default();
-        line.push(b'\n');
-        Ok::<_, std::convert::Infallible>(Bytes::from(line))
-    });
+fn ndjson<T: Serialize + Send + 'static>(
+    messages: tokio::sync::mpsc::Receiver<T>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) -> Response {
+    // A stream never ends by itself; it ends when the controller stops, so
+    // that a graceful stop does not wait on agents and routers for ever.
+    let stopped = async move {
+        let _ = stopping.wait_for(|stopping| *stopping).await;
+    };
+    let lines = tokio_stream::wrappers::ReceiverStream::new(messages)
+        .take_until(stopped)
+        .map(|message| {
+            let mut line = serde_json::to_vec(&message).unwrap_or_default();
+            line.push(b'\n');
+            Ok::<_, std::convert::Infallible>(Bytes::from(line))
+        });
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         axum::body::Body::from_stream(lines),
@@ -1108,5 +1123,5 @@ async fn watch_routes(
             query.node
         )));
     }
-    Ok(ndjson(state.routes.watch().await?))
+    Ok(ndjson(state.routes.watch().await?, state.stopping.clone()))
 }
