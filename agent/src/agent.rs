@@ -784,8 +784,10 @@ impl Agent {
             Some(http) => http,
             None => reqwest::Client::builder()
                 .connect_timeout(self.config.request_timeout)
-                // The stream's connection, and one for everything else:
-                // the controller holds every connection of every node.
+                // HTTP/2 without TLS (h2c): the stream and every other call
+                // share one connection, and the controller, which holds a
+                // connection of every node, holds half as many.
+                .http2_prior_knowledge()
                 .pool_max_idle_per_host(1)
                 .build()
                 .map_err(AgentError::Http)?,
