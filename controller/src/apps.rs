@@ -224,10 +224,16 @@ impl Apps {
 
     /// Records a manifest as the app's desired state. An identical manifest
     /// makes no new revision. The project is created on first use.
-    pub async fn apply(&self, manifest: AppManifest) -> Result<Applied, ApiError> {
+    /// With `expected`, only if the app is at that revision now (0: only if
+    /// it does not exist); otherwise a conflict that says where it is.
+    pub async fn apply(
+        &self,
+        manifest: AppManifest,
+        expected: Option<u64>,
+    ) -> Result<Applied, ApiError> {
         self.create_project(&manifest.project).await?;
         for _ in 0..CAS_ATTEMPTS {
-            if let Some(applied) = self.try_apply(&manifest).await? {
+            if let Some(applied) = self.try_apply(&manifest, expected).await? {
                 return Ok(applied);
             }
         }
@@ -238,12 +244,28 @@ impl Apps {
     }
 
     /// One compare-and-swap attempt; `None` when another write won the race.
-    async fn try_apply(&self, manifest: &AppManifest) -> Result<Option<Applied>, ApiError> {
+    async fn try_apply(
+        &self,
+        manifest: &AppManifest,
+        expected: Option<u64>,
+    ) -> Result<Option<Applied>, ApiError> {
         let (project, name) = (manifest.project.as_str(), manifest.name.as_str());
         let app_key = keys::app(project, name);
         let now = now_ms();
         let mut current_manifest = None;
-        let (app, compare, created) = match self.store.get(&app_key).await? {
+        let existing = self.store.get(&app_key).await?;
+        if let Some(expected) = expected {
+            let at = match &existing {
+                Some(kv) => decode::<AppRecord>(kv)?.revision,
+                None => 0,
+            };
+            if at != expected {
+                return Err(ApiError::Conflict(format!(
+                    "stale revision: app {project}/{name} is at revision {at}, not {expected}; fetch it and apply again"
+                )));
+            }
+        }
+        let (app, compare, created) = match existing {
             Some(kv) => {
                 let app: AppRecord = decode(&kv)?;
                 let current = self.revision(project, name, app.revision).await?;

@@ -927,3 +927,67 @@ async fn a_graceful_stop_ends_open_streams_and_releases_the_store() {
     let (status, _) = h.get("/v1/nodes/n1").await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn an_apply_with_a_stale_expected_revision_is_a_409_and_changes_nothing() {
+    let h = Harness::start().await;
+    let yaml = "application/yaml";
+    let (status, _) = h
+        .call(
+            Method::POST,
+            "/v1/apps?expected_revision=0",
+            Some((yaml, APP)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "0: create only if missing");
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/v1/apps?expected_revision=0",
+            Some((yaml, APP)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+
+    let changed = APP.replace("instances: 2", "instances: 4");
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/v1/apps?expected_revision=7",
+            Some((yaml, &changed)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("is at revision 1, not 7"),
+        "{body}"
+    );
+    let (_, app) = h.get("/v1/projects/shop/apps/web").await;
+    assert_eq!(
+        app["revision"]["manifest"]["instances"], 2,
+        "nothing changed"
+    );
+
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/v1/apps?expected_revision=1",
+            Some((yaml, &changed)),
+        )
+        .await;
+    assert_eq!(
+        (status, body["app"]["revision"].as_u64()),
+        (StatusCode::OK, Some(2))
+    );
+    let (status, _) = h
+        .call(
+            Method::POST,
+            "/v1/apps?expected_revision=banana",
+            Some((yaml, &changed)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}

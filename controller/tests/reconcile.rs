@@ -73,7 +73,7 @@ impl Cluster {
 
     async fn apply(&self, yaml: &str) {
         self.apps
-            .apply(keel_manifest::parse_yaml(yaml).unwrap())
+            .apply(keel_manifest::parse_yaml(yaml).unwrap(), None)
             .await
             .unwrap();
     }
@@ -379,9 +379,12 @@ async fn instances_on_a_lost_node_are_replaced_elsewhere() {
             .await
             .unwrap();
     }
-    apps.apply(keel_manifest::parse_yaml(&app("web", "instances: 3\n")).unwrap())
-        .await
-        .unwrap();
+    apps.apply(
+        keel_manifest::parse_yaml(&app("web", "instances: 3\n")).unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
     reconciler.pass().await.unwrap();
     let on = |instances: &[InstanceRecord], node: &str| {
         instances
@@ -454,6 +457,7 @@ async fn small_cluster(
     let reconciler = reconciler(store.clone());
     apps.apply(
         keel_manifest::parse_yaml(&app("web", &format!("instances: {}\n", nodes * 2))).unwrap(),
+        None,
     )
     .await
     .unwrap();

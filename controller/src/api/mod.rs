@@ -379,6 +379,7 @@ fn manifest_format(headers: &HeaderMap) -> Format {
     path = "/v1/apps",
     tag = "apps",
     security(("admin_token" = [])),
+    params(ApplyQuery),
     request_body(
         description = "The manifest, as YAML (any content type but \
             `application/json`) or JSON (`application/json`).",
@@ -404,7 +405,7 @@ fn manifest_format(headers: &HeaderMap) -> Format {
             "problems": [{"path": "ports[0].port", "line": 7, "column": 11, "message": "must be 1..65535, got 70000"}]
         })),
         (status = 401, response = Unauthorized),
-        (status = 409, description = "Other writes to the app kept winning the race; try again.", body = ErrorBody),
+        (status = 409, description = "`expected_revision` is stale (the app is at another revision), or other writes to the app kept winning the race; fetch it and try again. A route already served by another app is also a 409.", body = ErrorBody),
         (status = 413, response = TooLarge),
         (status = 500, response = Internal),
         (status = 503, response = Unavailable),
@@ -413,8 +414,10 @@ fn manifest_format(headers: &HeaderMap) -> Format {
 async fn apply(
     State(state): State<ApiState>,
     headers: HeaderMap,
+    raw_query: Result<Query<ApplyQuery>, QueryRejection>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let expected = query(raw_query)?.expected_revision;
     let bytes = body(raw)?;
     let manifest =
         keel_manifest::parse(text(&bytes)?, manifest_format(&headers)).map_err(|errors| {
@@ -431,7 +434,7 @@ async fn apply(
                     .collect(),
             )
         })?;
-    let applied = state.apps.apply(manifest).await?;
+    let applied = state.apps.apply(manifest, expected).await?;
     let status = if applied.created {
         StatusCode::CREATED
     } else {
@@ -453,6 +456,16 @@ fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
 struct AppsQuery {
     /// Only this project's apps.
     project: Option<String>,
+}
+
+/// Optimistic concurrency for an apply.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct ApplyQuery {
+    /// Apply only if the app is at this revision now (0: only if it does
+    /// not exist yet); otherwise 409, and nothing changes.
+    expected_revision: Option<u64>,
 }
 
 /// Lists apps
