@@ -5,7 +5,7 @@
 //! `/keel/status/`), so that frequent reports never collide with the
 //! reconciler's compare-and-swap on the records themselves.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -70,6 +70,222 @@ pub struct InstanceView {
 #[derive(Debug, Clone)]
 pub struct Agents {
     store: Arc<dyn Store>,
+    fanout: Arc<tokio::sync::Mutex<Option<Arc<Fanout>>>>,
+}
+
+/// One store watch on all instances, fanned out to the nodes' streams.
+///
+/// Every node's stream needs the same events, filtered by node; one watch
+/// and an index of specs by node make a change cost one decode and one
+/// message to the node concerned, whatever the number of nodes, and a new
+/// stream's snapshot a lookup rather than a read of every instance.
+#[derive(Debug)]
+struct Fanout {
+    index: std::sync::Mutex<Index>,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    generation: i64,
+    /// Each node's instances, with everything needed to run them.
+    by_node: BTreeMap<String, BTreeMap<InstanceRef, InstanceSpec>>,
+    /// Where each instance is, to find it again on a delete.
+    node_of: BTreeMap<InstanceRef, String>,
+    subscribers: BTreeMap<String, Vec<mpsc::Sender<StreamMessage>>>,
+    manifests: BTreeMap<(String, String, u64), AppManifest>,
+    stopped: bool,
+}
+
+impl Fanout {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn stopped(&self) -> bool {
+        self.lock().stopped
+    }
+
+    async fn start(store: Arc<dyn Store>) -> Result<Arc<Fanout>, ApiError> {
+        let page = store
+            .range(&RangeRequest::prefix(instance_keys::instances(None)))
+            .await?;
+        let mut index = Index {
+            generation: page.revision,
+            ..Index::default()
+        };
+        for kv in &page.kvs {
+            let record: InstanceRecord = decode(kv)?;
+            index.put(store.as_ref(), record).await?;
+        }
+        let mut changes = store
+            .watch(&instance_keys::instances(None), page.revision + 1)
+            .await?;
+        let fanout = Arc::new(Fanout {
+            index: std::sync::Mutex::new(index),
+        });
+        let this = Arc::downgrade(&fanout);
+        // Weak, so that the fan-out never keeps a closed controller's store
+        // open.
+        let store = Arc::downgrade(&store);
+        tokio::spawn(async move {
+            while let Some(Ok(event)) = changes.next().await {
+                let Some(fanout) = this.upgrade() else { return };
+                let generation = event.revision();
+                // Decoding and reading the manifest happen outside the lock.
+                let record = match event.kind {
+                    EventKind::Put => decode::<InstanceRecord>(&event.kv).ok(),
+                    EventKind::Delete => None,
+                };
+                let manifest = match &record {
+                    Some(record) if record.node.is_some() => {
+                        let known = fanout.lock().manifests.get(&manifest_key(record)).cloned();
+                        match (known, store.upgrade()) {
+                            (Some(manifest), _) => Some(manifest),
+                            (None, Some(store)) => revision_manifest(store.as_ref(), record)
+                                .await
+                                .ok()
+                                .flatten(),
+                            (None, None) => return,
+                        }
+                    }
+                    _ => None,
+                };
+                let mut index = fanout.lock();
+                index.generation = generation;
+                match (record, event.kind) {
+                    (Some(record), _) => index.apply_put(record, manifest, generation),
+                    (None, EventKind::Delete) => {
+                        if let Some(reference) = parse_instance_key(&event.kv.key) {
+                            index.remove(&reference, generation);
+                        }
+                    }
+                    (None, EventKind::Put) => {}
+                }
+            }
+            // The watch ended (the store closing, or history compacted
+            // under it): every stream ends, and agents reconnect for a
+            // fresh snapshot from a fresh fan-out.
+            if let Some(fanout) = this.upgrade() {
+                let mut index = fanout.lock();
+                index.stopped = true;
+                index.subscribers.clear();
+            }
+        });
+        Ok(fanout)
+    }
+}
+
+fn manifest_key(record: &InstanceRecord) -> (String, String, u64) {
+    (record.project.clone(), record.app.clone(), record.revision)
+}
+
+async fn revision_manifest(
+    store: &dyn Store,
+    record: &InstanceRecord,
+) -> Result<Option<AppManifest>, ApiError> {
+    let Some(kv) = store
+        .get(&keys::revision(
+            &record.project,
+            &record.app,
+            record.revision,
+        ))
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(decode::<RevisionRecord>(&kv)?.manifest))
+}
+
+impl Index {
+    /// Adds an instance while the index is being built.
+    async fn put(&mut self, store: &dyn Store, record: InstanceRecord) -> Result<(), ApiError> {
+        if record.node.is_none() {
+            return Ok(());
+        }
+        let key = manifest_key(&record);
+        if !self.manifests.contains_key(&key)
+            && let Some(manifest) = revision_manifest(store, &record).await?
+        {
+            self.manifests.insert(key.clone(), manifest);
+        }
+        let manifest = self.manifests.get(&key).cloned();
+        self.apply_put(record, manifest, self.generation);
+        Ok(())
+    }
+
+    /// An instance was written: it is now on its node (or on none), and
+    /// the nodes concerned hear of it.
+    fn apply_put(
+        &mut self,
+        record: InstanceRecord,
+        manifest: Option<AppManifest>,
+        generation: i64,
+    ) {
+        let reference = instance_ref(&record);
+        match (&record.node, manifest) {
+            (Some(node), Some(manifest)) => {
+                self.manifests
+                    .insert(manifest_key(&record), manifest.clone());
+                if self.node_of.get(&reference).is_some_and(|n| n != node) {
+                    self.remove(&reference, generation);
+                }
+                let spec = InstanceSpec {
+                    instance: reference.clone(),
+                    revision: record.revision,
+                    manifest,
+                };
+                let unchanged =
+                    self.by_node.get(node).and_then(|s| s.get(&reference)) == Some(&spec);
+                self.node_of.insert(reference.clone(), node.clone());
+                self.by_node
+                    .entry(node.clone())
+                    .or_default()
+                    .insert(reference, spec.clone());
+                if !unchanged {
+                    self.send(
+                        node,
+                        StreamMessage::Put {
+                            generation,
+                            instance: Box::new(spec),
+                        },
+                    );
+                }
+            }
+            _ => self.remove(&reference, generation),
+        }
+    }
+
+    fn remove(&mut self, reference: &InstanceRef, generation: i64) {
+        let Some(node) = self.node_of.remove(reference) else {
+            return;
+        };
+        if let Some(specs) = self.by_node.get_mut(&node) {
+            specs.remove(reference);
+            if specs.is_empty() {
+                self.by_node.remove(&node);
+            }
+        }
+        self.send(
+            &node,
+            StreamMessage::Delete {
+                generation,
+                instance: reference.clone(),
+            },
+        );
+    }
+
+    /// Sends to the node's streams; a stream that is gone, or too slow to
+    /// take 64 messages, is dropped (its agent reconnects for a snapshot).
+    fn send(&mut self, node: &str, message: StreamMessage) {
+        if let Some(senders) = self.subscribers.get_mut(node) {
+            senders.retain(|tx| tx.try_send(message.clone()).is_ok());
+            if senders.is_empty() {
+                self.subscribers.remove(node);
+            }
+        }
+    }
 }
 
 fn instance_ref(record: &InstanceRecord) -> InstanceRef {
@@ -93,132 +309,45 @@ fn parse_instance_key(key: &str) -> Option<InstanceRef> {
 
 impl Agents {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
-    }
-
-    /// The manifest of a revision, read once per stream.
-    async fn manifest(
-        &self,
-        cache: &mut BTreeMap<(String, String, u64), AppManifest>,
-        record: &InstanceRecord,
-    ) -> Result<Option<AppManifest>, ApiError> {
-        let key = (record.project.clone(), record.app.clone(), record.revision);
-        if let Some(manifest) = cache.get(&key) {
-            return Ok(Some(manifest.clone()));
+        Self {
+            store,
+            fanout: Arc::default(),
         }
-        let kv = self
-            .store
-            .get(&keys::revision(
-                &record.project,
-                &record.app,
-                record.revision,
-            ))
-            .await?;
-        let Some(kv) = kv else { return Ok(None) };
-        let revision: RevisionRecord = decode(&kv)?;
-        cache.insert(key, revision.manifest.clone());
-        Ok(Some(revision.manifest))
-    }
-
-    async fn spec(
-        &self,
-        cache: &mut BTreeMap<(String, String, u64), AppManifest>,
-        record: &InstanceRecord,
-    ) -> Result<Option<InstanceSpec>, ApiError> {
-        Ok(self
-            .manifest(cache, record)
-            .await?
-            .map(|manifest| InstanceSpec {
-                instance: instance_ref(record),
-                revision: record.revision,
-                manifest,
-            }))
     }
 
     /// Starts the node's stream: a snapshot now, then every change, as
     /// messages on the returned channel until its receiver is dropped.
     pub async fn watch(&self, node: &str) -> Result<mpsc::Receiver<StreamMessage>, ApiError> {
-        let page = self
-            .store
-            .range(&RangeRequest::prefix(instance_keys::instances(None)))
-            .await?;
-        let generation = page.revision;
-        let mut cache = BTreeMap::new();
-        let mut sent: BTreeSet<InstanceRef> = BTreeSet::new();
-        let mut instances = Vec::new();
-        for kv in &page.kvs {
-            let record: InstanceRecord = decode(kv)?;
-            if record.node.as_deref() == Some(node)
-                && let Some(spec) = self.spec(&mut cache, &record).await?
-            {
-                sent.insert(spec.instance.clone());
-                instances.push(spec);
-            }
-        }
-        let mut changes = self
-            .store
-            .watch(&instance_keys::instances(None), generation + 1)
-            .await?;
+        let fanout = self.fanout().await?;
         let (tx, rx) = mpsc::channel(64);
+        let mut index = fanout.lock();
+        let instances = index
+            .by_node
+            .get(node)
+            .map(|specs| specs.values().cloned().collect())
+            .unwrap_or_default();
         let _ = tx.try_send(StreamMessage::Snapshot {
-            generation,
+            generation: index.generation,
             instances,
         });
-        let (this, node) = (self.clone(), node.to_owned());
-        tokio::spawn(async move {
-            loop {
-                // A client that went away ends the task (and its watch) at
-                // once, not at the next change.
-                let event = tokio::select! {
-                    event = changes.next() => event,
-                    () = tx.closed() => return,
-                };
-                let Some(Ok(event)) = event else { break };
-                let generation = event.revision();
-                let message = match event.kind {
-                    EventKind::Put => {
-                        let Ok(record) = decode::<InstanceRecord>(&event.kv) else {
-                            continue;
-                        };
-                        let reference = instance_ref(&record);
-                        if record.node.as_deref() == Some(node.as_str()) {
-                            match this.spec(&mut cache, &record).await {
-                                Ok(Some(instance)) => {
-                                    sent.insert(reference);
-                                    StreamMessage::Put {
-                                        generation,
-                                        instance: Box::new(instance),
-                                    }
-                                }
-                                Ok(None) => continue,
-                                Err(_) => break,
-                            }
-                        } else if sent.remove(&reference) {
-                            StreamMessage::Delete {
-                                generation,
-                                instance: reference,
-                            }
-                        } else {
-                            continue;
-                        }
-                    }
-                    EventKind::Delete => match parse_instance_key(&event.kv.key) {
-                        Some(reference) if sent.remove(&reference) => StreamMessage::Delete {
-                            generation,
-                            instance: reference,
-                        },
-                        _ => continue,
-                    },
-                };
-                if tx.send(message).await.is_err() {
-                    return;
-                }
-            }
-            // The watch ended (store closing, compaction): dropping the
-            // sender ends the stream, and the agent reconnects for a new
-            // snapshot.
-        });
+        index
+            .subscribers
+            .entry(node.to_owned())
+            .or_default()
+            .push(tx);
         Ok(rx)
+    }
+
+    /// The shared fan-out, started on first use (and again after it
+    /// stopped, when its watch ended).
+    async fn fanout(&self) -> Result<Arc<Fanout>, ApiError> {
+        let mut slot = self.fanout.lock().await;
+        if let Some(fanout) = slot.as_ref().filter(|f| !f.stopped()) {
+            return Ok(fanout.clone());
+        }
+        let fanout = Fanout::start(self.store.clone()).await?;
+        *slot = Some(fanout.clone());
+        Ok(fanout)
     }
 
     /// Records a node's report: the state of every instance it runs.
