@@ -146,6 +146,47 @@ pub enum Change {
     },
 }
 
+/// A put that expects the key at `mod_revision` (None: absent).
+fn put_txn(key: String, value: Vec<u8>, mod_revision: Option<Revision>) -> Txn {
+    let compare = match mod_revision {
+        Some(revision) => Compare::mod_revision(&key, CompareOp::Equal, revision),
+        None => Compare::missing(&key),
+    };
+    Txn::new().when([compare]).and_then([Op::put(key, value)])
+}
+
+impl Change {
+    /// The compare-and-swap that makes the change, or nothing if the key
+    /// moved since it was read.
+    fn txn(&self) -> Result<Txn, ApiError> {
+        Ok(match self {
+            Change::Create(record) => put_txn(record.key(), encode(record)?, None),
+            Change::Update {
+                record,
+                mod_revision,
+            } => put_txn(record.key(), encode(record)?, Some(*mod_revision)),
+            Change::Put {
+                key,
+                value,
+                mod_revision,
+            } => put_txn(key.clone(), value.clone(), *mod_revision),
+            Change::Delete {
+                record,
+                mod_revision,
+            } => Txn::new()
+                .when([Compare::mod_revision(
+                    record.key(),
+                    CompareOp::Equal,
+                    *mod_revision,
+                )])
+                .and_then([Op::delete(record.key())]),
+            Change::Remove { key, mod_revision } => Txn::new()
+                .when([Compare::mod_revision(key, CompareOp::Equal, *mod_revision)])
+                .and_then([Op::delete(key)]),
+        })
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct Plan {
     pub changes: Vec<Change>,
@@ -834,44 +875,7 @@ impl Reconciler {
         plan.events.extend(health_events);
         let mut written = 0;
         for change in plan.changes {
-            let txn = match &change {
-                Change::Create(record) => Txn::new()
-                    .when([Compare::missing(record.key())])
-                    .and_then([Op::put(record.key(), encode(record)?)]),
-                Change::Update {
-                    record,
-                    mod_revision,
-                } => Txn::new()
-                    .when([Compare::mod_revision(
-                        record.key(),
-                        CompareOp::Equal,
-                        *mod_revision,
-                    )])
-                    .and_then([Op::put(record.key(), encode(record)?)]),
-                Change::Delete {
-                    record,
-                    mod_revision,
-                } => Txn::new()
-                    .when([Compare::mod_revision(
-                        record.key(),
-                        CompareOp::Equal,
-                        *mod_revision,
-                    )])
-                    .and_then([Op::delete(record.key())]),
-                Change::Put {
-                    key,
-                    value,
-                    mod_revision,
-                } => Txn::new()
-                    .when([match mod_revision {
-                        Some(revision) => Compare::mod_revision(key, CompareOp::Equal, *revision),
-                        None => Compare::missing(key),
-                    }])
-                    .and_then([Op::put(key, value.clone())]),
-                Change::Remove { key, mod_revision } => Txn::new()
-                    .when([Compare::mod_revision(key, CompareOp::Equal, *mod_revision)])
-                    .and_then([Op::delete(key)]),
-            };
+            let txn = change.txn()?;
             if self.store.txn(txn).await?.succeeded {
                 written += 1;
             }
