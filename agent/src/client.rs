@@ -1,37 +1,15 @@
 //! The agent's side of the controller's HTTP API: register, heartbeat, the
 //! desired-instances stream, status reports. Nothing else of the API.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use keel_protocol::{StatusReport, StreamMessage};
 use reqwest::StatusCode;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-/// What a node offers, as it registers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct NodeCapacity {
-    pub cpu_millis: u64,
-    pub memory_mb: u64,
-    pub max_instances: u32,
-}
-
-/// The node as its agent registers it (`POST /v1/nodes`).
-// The controller's `Registration` is the reading side of the same JSON; it
-// belongs in keel-protocol, beside the other wire types, once both sides
-// can move there.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct NodeRegistration {
-    /// A DNS label, unique in the cluster.
-    pub name: String,
-    pub region: String,
-    pub zone: String,
-    pub labels: BTreeMap<String, String>,
-    pub roles: Vec<String>,
-    pub capacity: NodeCapacity,
-    /// The IP address other nodes reach this node's published ports on.
-    pub address: String,
-}
+/// The node as its agent registers it (`POST /v1/nodes`): the one wire
+/// type both sides compile against.
+pub use keel_protocol::{NodeCapacity, Registration as NodeRegistration};
 
 /// Why a call to the controller failed.
 #[derive(Debug, thiserror::Error)]

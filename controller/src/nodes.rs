@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_store::{Compare, CompareOp, LeaseId, Op, RangeRequest, Store, StoreError, Txn};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::Mutex;
 
 use crate::api::{ApiError, FieldProblem};
@@ -20,20 +20,7 @@ use crate::apps::{check_name, decode, encode, list_records};
 use crate::auth::{new_token, sha256_hex};
 use crate::records::{NodeCapacity, NodeRecord, keys, now_ms};
 
-/// What an agent sends to join.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Registration {
-    pub name: String,
-    pub region: String,
-    pub zone: String,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub roles: Vec<String>,
-    pub capacity: NodeCapacity,
-    pub address: String,
-}
+pub use keel_protocol::Registration;
 
 /// A node as the API shows it: its record without the credential, and its
 /// status.
@@ -81,49 +68,48 @@ fn region_like(field: &str, value: &str, problems: &mut Vec<FieldProblem>) {
     }
 }
 
-impl Registration {
-    fn check(&self) -> Result<(), ApiError> {
-        let mut problems = Vec::new();
-        if let Err(ApiError::Invalid(mut p)) = check_name("name", &self.name) {
-            problems.append(&mut p);
-        }
-        region_like("region", &self.region, &mut problems);
-        region_like("zone", &self.zone, &mut problems);
-        for (key, value) in &self.labels {
-            region_like(&format!("labels.{key}"), key, &mut problems);
-            if value.len() > 253 {
-                problems.push(FieldProblem::new(
-                    format!("labels.{key}"),
-                    "value longer than 253 bytes",
-                ));
-            }
-        }
-        for (i, role) in self.roles.iter().enumerate() {
-            region_like(&format!("roles[{i}]"), role, &mut problems);
-        }
-        if self.capacity.cpu_millis == 0 {
+/// Every problem with a registration, by field.
+fn check_registration(registration: &Registration) -> Result<(), ApiError> {
+    let mut problems = Vec::new();
+    if let Err(ApiError::Invalid(mut p)) = check_name("name", &registration.name) {
+        problems.append(&mut p);
+    }
+    region_like("region", &registration.region, &mut problems);
+    region_like("zone", &registration.zone, &mut problems);
+    for (key, value) in &registration.labels {
+        region_like(&format!("labels.{key}"), key, &mut problems);
+        if value.len() > 253 {
             problems.push(FieldProblem::new(
-                "capacity.cpu_millis",
-                "must be at least 1",
+                format!("labels.{key}"),
+                "value longer than 253 bytes",
             ));
         }
-        if self.capacity.memory_mb == 0 {
-            problems.push(FieldProblem::new(
-                "capacity.memory_mb",
-                "must be at least 1",
-            ));
-        }
-        if self.address.parse::<std::net::IpAddr>().is_err() {
-            problems.push(FieldProblem::new(
-                "address",
-                format!("{:?} is not an IP address", self.address),
-            ));
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ApiError::Invalid(problems))
-        }
+    }
+    for (i, role) in registration.roles.iter().enumerate() {
+        region_like(&format!("roles[{i}]"), role, &mut problems);
+    }
+    if registration.capacity.cpu_millis == 0 {
+        problems.push(FieldProblem::new(
+            "capacity.cpu_millis",
+            "must be at least 1",
+        ));
+    }
+    if registration.capacity.memory_mb == 0 {
+        problems.push(FieldProblem::new(
+            "capacity.memory_mb",
+            "must be at least 1",
+        ));
+    }
+    if registration.address.parse::<std::net::IpAddr>().is_err() {
+        problems.push(FieldProblem::new(
+            "address",
+            format!("{:?} is not an IP address", registration.address),
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Invalid(problems))
     }
 }
 
@@ -140,7 +126,7 @@ impl Nodes {
     /// agent reinstalled on the same machine): the old credential stops
     /// working.
     pub async fn register(&self, registration: Registration) -> Result<Registered, ApiError> {
-        registration.check()?;
+        check_registration(&registration)?;
         let token = new_token("node").map_err(|e| ApiError::Internal(e.to_string()))?;
         let key = keys::node(&registration.name);
         let existing = self.store.get(&key).await?;

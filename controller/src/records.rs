@@ -100,13 +100,7 @@ pub struct NodeRecord {
     pub registered_at_ms: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NodeCapacity {
-    pub cpu_millis: u64,
-    pub memory_mb: u64,
-    pub max_instances: u32,
-}
+pub use keel_protocol::NodeCapacity;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -172,3 +172,29 @@ pub struct RouteTable {
     pub generation: i64,
     pub routes: Vec<RouteEntry>,
 }
+
+/// What a node offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeCapacity {
+    pub cpu_millis: u64,
+    pub memory_mb: u64,
+    pub max_instances: u32,
+}
+
+/// What an agent sends to join (`POST /v1/nodes`, with the join token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    /// A DNS label, unique in the cluster.
+    pub name: String,
+    pub region: String,
+    pub zone: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    pub capacity: NodeCapacity,
+    /// The IP address other nodes reach this node's published ports on.
+    pub address: String,
+}
