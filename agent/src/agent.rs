@@ -35,6 +35,9 @@ use tokio::time::Instant;
 use crate::client::{CallError, Controller, ControllerError, LineDecoder, NodeRegistration};
 use crate::runtime::{Runtime, RuntimeError, RuntimeState, display_ref, error_chain};
 
+/// A stream silent this long (three keepalive periods) is dead.
+const STREAM_SILENCE: Duration = Duration::from_secs(30);
+
 /// Capped exponential backoff: `initial`, doubling to `max`, each delay
 /// jittered down by up to half so that a fleet does not retry in step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,10 +326,20 @@ impl Shared {
         let mut decoder = LineDecoder::default();
         let mut synced = false;
         loop {
-            let chunk = match response.chunk().await {
-                Ok(Some(chunk)) => chunk,
-                Ok(None) => return (wrap(CallError::Ended), synced),
-                Err(error) => return (wrap(CallError::Transport(error)), synced),
+            // The controller sends a blank line every 10 s when it has
+            // nothing to say: silence this long is a dead connection.
+            let chunk = match tokio::time::timeout(STREAM_SILENCE, response.chunk()).await {
+                Ok(Ok(Some(chunk))) => chunk,
+                Ok(Ok(None)) => return (wrap(CallError::Ended), synced),
+                Ok(Err(error)) => return (wrap(CallError::Transport(error)), synced),
+                Err(_) => {
+                    return (
+                        wrap(CallError::Silent {
+                            seconds: STREAM_SILENCE.as_secs(),
+                        }),
+                        synced,
+                    );
+                }
             };
             let messages = match decoder.feed(&chunk) {
                 Ok(messages) => messages,

@@ -26,6 +26,8 @@ pub enum CallError {
     LineTooLong { limit_bytes: usize },
     #[error("the stream ended")]
     Ended,
+    #[error("the stream was silent for {seconds} s (no keepalive): the connection is dead")]
+    Silent { seconds: u64 },
 }
 
 /// A failed call, named by what the agent was doing.

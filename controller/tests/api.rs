@@ -991,3 +991,37 @@ async fn an_apply_with_a_stale_expected_revision_is_a_409_and_changes_nothing() 
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn a_quiet_stream_sends_keepalive_lines() {
+    let h = Harness::start().await;
+    let json = "application/json";
+    let (_, body) = h
+        .call_as(
+            &h.join_token,
+            Method::POST,
+            "/v1/nodes",
+            Some((json, &registration("n1", "eu-a"))),
+        )
+        .await;
+    let node_token = body["token"].as_str().unwrap().to_owned();
+    let mut stream = h
+        .client
+        .get(format!("http://{}/v1/nodes/n1/instances/watch", h.addr()))
+        .bearer_auth(&node_token)
+        .send()
+        .await
+        .unwrap();
+    let mut received = String::new();
+    let wait = keel_controller::api::STREAM_KEEPALIVE + std::time::Duration::from_secs(3);
+    let deadline = tokio::time::Instant::now() + wait;
+    while !received.ends_with("}\n\n") {
+        let chunk = tokio::time::timeout_at(deadline, stream.chunk())
+            .await
+            .expect("a blank line within the keepalive period")
+            .unwrap()
+            .unwrap();
+        received.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(received.starts_with("{\"snapshot\""), "{received:?}");
+}

@@ -40,6 +40,9 @@ use crate::routes::Routes;
 use error::ErrorBody;
 use openapi::{Internal, TooLarge, Unauthorized, Unavailable};
 
+/// How often a stream with nothing to say sends a blank line.
+pub const STREAM_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Request bodies larger than this are refused with 413.
 pub const BODY_LIMIT_BYTES: usize = 1 << 20;
 
@@ -924,13 +927,26 @@ fn ndjson<T: Serialize + Send + 'static>(
     let stopped = async move {
         let _ = stopping.wait_for(|stopping| *stopping).await;
     };
-    let lines = tokio_stream::wrappers::ReceiverStream::new(messages)
-        .take_until(stopped)
-        .map(|message| {
-            let mut line = serde_json::to_vec(&message).unwrap_or_default();
-            line.push(b'\n');
-            Ok::<_, std::convert::Infallible>(Bytes::from(line))
-        });
+    let lines = tokio_stream::wrappers::ReceiverStream::new(messages).map(|message| {
+        let mut line = serde_json::to_vec(&message).unwrap_or_default();
+        line.push(b'\n');
+        Bytes::from(line)
+    });
+    // A blank line every so often when nothing else is said, so that a
+    // client can tell a quiet stream from a dead connection.
+    let mut tick = tokio::time::interval(STREAM_KEEPALIVE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let keepalive = tokio_stream::wrappers::IntervalStream::new(tick)
+        .skip(1)
+        .map(|_| Bytes::from_static(b"\n"));
+    let lines = futures::stream::select(
+        lines.map(Some).chain(futures::stream::once(async { None })),
+        keepalive.map(Some),
+    )
+    .take_while(|line| futures::future::ready(line.is_some()))
+    .filter_map(futures::future::ready)
+    .take_until(stopped)
+    .map(Ok::<_, std::convert::Infallible>);
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         axum::body::Body::from_stream(lines),
