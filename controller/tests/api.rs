@@ -82,6 +82,33 @@ impl Harness {
         )
     }
 
+    /// Registers a node with the join token; returns its credential.
+    async fn register(&self, name: &str, zone: &str) -> String {
+        let (status, body) = self
+            .call_as(
+                &self.join_token,
+                Method::POST,
+                "/v1/nodes",
+                Some(("application/json", &registration(name, zone))),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Opens a node's desired-instances stream with its credential.
+    async fn watch(&self, node: &str, token: &str) -> reqwest::Response {
+        self.client
+            .get(format!(
+                "http://{}/v1/nodes/{node}/instances/watch",
+                self.addr()
+            ))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
     async fn get(&self, path: &str) -> (StatusCode, Value) {
         self.call(Method::GET, path, None).await
     }
@@ -570,23 +597,9 @@ async fn read_stream(
 async fn agents_stream_their_instances_and_report_what_runs() {
     let h = Harness::start().await;
     let json = "application/json";
-    let (_, body) = h
-        .call_as(
-            &h.join_token,
-            Method::POST,
-            "/v1/nodes",
-            Some((json, &registration("n1", "eu-a"))),
-        )
-        .await;
-    let node_token = body["token"].as_str().unwrap().to_owned();
+    let node_token = h.register("n1", "eu-a").await;
 
-    let mut stream = h
-        .client
-        .get(format!("http://{}/v1/nodes/n1/instances/watch", h.addr()))
-        .bearer_auth(&node_token)
-        .send()
-        .await
-        .unwrap();
+    let mut stream = h.watch("n1", &node_token).await;
     assert_eq!(stream.status(), StatusCode::OK);
     assert_eq!(stream.headers()["content-type"], "application/x-ndjson");
     let mut buffer = String::new();
@@ -890,23 +903,8 @@ async fn old_events_are_pruned_to_the_newest() {
 #[tokio::test]
 async fn a_graceful_stop_ends_open_streams_and_releases_the_store() {
     let mut h = Harness::start().await;
-    let json = "application/json";
-    let (_, body) = h
-        .call_as(
-            &h.join_token,
-            Method::POST,
-            "/v1/nodes",
-            Some((json, &registration("n1", "eu-a"))),
-        )
-        .await;
-    let node_token = body["token"].as_str().unwrap().to_owned();
-    let mut stream = h
-        .client
-        .get(format!("http://{}/v1/nodes/n1/instances/watch", h.addr()))
-        .bearer_auth(&node_token)
-        .send()
-        .await
-        .unwrap();
+    let node_token = h.register("n1", "eu-a").await;
+    let mut stream = h.watch("n1", &node_token).await;
     let mut buffer = String::new();
     read_stream(&mut stream, &mut buffer, |_| true).await;
 
@@ -995,23 +993,8 @@ async fn an_apply_with_a_stale_expected_revision_is_a_409_and_changes_nothing() 
 #[tokio::test]
 async fn a_quiet_stream_sends_keepalive_lines() {
     let h = Harness::start().await;
-    let json = "application/json";
-    let (_, body) = h
-        .call_as(
-            &h.join_token,
-            Method::POST,
-            "/v1/nodes",
-            Some((json, &registration("n1", "eu-a"))),
-        )
-        .await;
-    let node_token = body["token"].as_str().unwrap().to_owned();
-    let mut stream = h
-        .client
-        .get(format!("http://{}/v1/nodes/n1/instances/watch", h.addr()))
-        .bearer_auth(&node_token)
-        .send()
-        .await
-        .unwrap();
+    let node_token = h.register("n1", "eu-a").await;
+    let mut stream = h.watch("n1", &node_token).await;
     let mut received = String::new();
     let wait = keel_controller::api::STREAM_KEEPALIVE + std::time::Duration::from_secs(3);
     let deadline = tokio::time::Instant::now() + wait;

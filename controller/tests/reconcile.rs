@@ -362,22 +362,7 @@ async fn instances_on_a_lost_node_are_replaced_elsewhere() {
     let nodes = Nodes::new(store.clone(), Duration::from_secs(1));
     let reconciler = Reconciler::new(store.clone()).with_grace(Duration::ZERO);
     for (name, zone) in [("keep-1", "eu-a"), ("keep-2", "eu-b"), ("dies", "eu-c")] {
-        nodes
-            .register(Registration {
-                name: name.into(),
-                region: "eu".into(),
-                zone: zone.into(),
-                labels: BTreeMap::new(),
-                roles: vec![],
-                capacity: NodeCapacity {
-                    cpu_millis: 4000,
-                    memory_mb: 8192,
-                    max_instances: 20,
-                },
-                address: "127.0.0.1".into(),
-            })
-            .await
-            .unwrap();
+        register_plain(&nodes, name, zone).await;
     }
     apps.apply(
         keel_manifest::parse_yaml(&app("web", "instances: 3\n")).unwrap(),
@@ -425,6 +410,24 @@ async fn instances_on_a_lost_node_are_replaced_elsewhere() {
     );
 }
 
+/// Registers a node with no labels or roles and room for 20 instances.
+async fn register_plain(nodes: &Nodes, name: &str, zone: &str) {
+    let registration = Registration {
+        name: name.into(),
+        region: "eu".into(),
+        zone: zone.into(),
+        labels: BTreeMap::new(),
+        roles: vec![],
+        capacity: NodeCapacity {
+            cpu_millis: 4000,
+            memory_mb: 8192,
+            max_instances: 20,
+        },
+        address: "127.0.0.1".into(),
+    };
+    nodes.register(registration).await.unwrap();
+}
+
 /// Three nodes that heartbeat by hand, a 1 s lost-after, and an app on them.
 async fn small_cluster(
     reconciler: impl FnOnce(Arc<dyn Store>) -> Reconciler,
@@ -437,22 +440,7 @@ async fn small_cluster(
     let apps = Apps::new(store.clone());
     let node_api = Nodes::new(store.clone(), Duration::from_secs(1));
     for i in 0..nodes {
-        node_api
-            .register(Registration {
-                name: format!("n{i}"),
-                region: "eu".into(),
-                zone: format!("z{i}"),
-                labels: BTreeMap::new(),
-                roles: vec![],
-                capacity: NodeCapacity {
-                    cpu_millis: 4000,
-                    memory_mb: 8192,
-                    max_instances: 20,
-                },
-                address: "127.0.0.1".into(),
-            })
-            .await
-            .unwrap();
+        register_plain(&node_api, &format!("n{i}"), &format!("z{i}")).await;
     }
     let reconciler = reconciler(store.clone());
     apps.apply(
