@@ -8,6 +8,14 @@ packages=(
   etcd-server       # tests start real etcd members on loopback
   etcd-client       # etcdctl, for poking at those members by hand
   pkg-config
+  docker.io         # the agent runs instances in a real Docker Engine
+  haproxy           # bench/router.sh compares the router with HAProxy...
+  nginx             # ...and nginx, which is also the benchmark's backend
+  wrk               # load for the router tests and benchmarks
+  curl              # HTTP/1.1, HTTP/2 and TLS clients in the router tests
+  openssl           # openssl s_client through a passthrough route
+  chromium          # the console is tested in a real browser
+  chromium-driver
 )
 
 missing=()
@@ -22,6 +30,24 @@ if ((${#missing[@]})); then
   [ "$(id -u)" -eq 0 ] || sudo_if_needed=(sudo)
   "${sudo_if_needed[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_if_needed[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Docker Engine: start dockerd when nothing answers on its socket (a fresh
+# machine, or a container without systemd).
+if ! docker info >/dev/null 2>&1; then
+  echo "setup: starting dockerd"
+  sudo_if_needed=()
+  [ "$(id -u)" -eq 0 ] || sudo_if_needed=(sudo)
+  if command -v systemctl >/dev/null && systemctl is-system-running >/dev/null 2>&1; then
+    "${sudo_if_needed[@]}" systemctl start docker
+  else
+    "${sudo_if_needed[@]}" sh -c 'nohup dockerd >/var/log/keel-dockerd.log 2>&1 &'
+  fi
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  docker info >/dev/null 2>&1 || { echo "setup: dockerd did not start; see /var/log/keel-dockerd.log" >&2; exit 1; }
 fi
 
 # Debian's etcd-server package may start a system etcd on 2379; the tests
