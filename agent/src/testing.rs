@@ -210,6 +210,11 @@ impl Admin {
         &self.base
     }
 
+    /// The admin token (to sign in to the console with).
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     /// Any call; the JSON answer on 2xx, an error with the body otherwise.
     pub async fn call(
         &self,

@@ -42,6 +42,12 @@
     return el;
   }
 
+  // Replaces what `box` shows with `content` (a node, text, or a nested
+  // array of them).
+  function fill(box, ...content) {
+    box.replaceChildren(...content.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false));
+  }
+
   function badge(word) {
     return h("span", { class: `badge ${word}` }, word);
   }
@@ -410,9 +416,9 @@
         api("GET", "/v1/instances"),
         api("GET", "/v1/events?limit=20"),
       ]);
-      nodesBox.replaceChildren(regions(nodes));
-      appsBox.replaceChildren(appsTable(apps, instances));
-      eventsBox.replaceChildren(eventsList(events));
+      fill(nodesBox, regions(nodes));
+      fill(appsBox, appsTable(apps, instances));
+      fill(eventsBox, eventsList(events));
     }
     return { el, title: "Overview", kinds: ALL, update };
   }
@@ -431,7 +437,7 @@
         "section",
         { class: "region" },
         h("h3", {}, `Region ${region}`),
-        [...zones.entries()].sort().map(([zone, members]) =>
+        h("div", { class: "zones" }, [...zones.entries()].sort().map(([zone, members]) =>
           h(
             "div",
             { class: "zone" },
@@ -449,7 +455,7 @@
               ),
             ),
           ),
-        ),
+        )),
       ),
     );
   }
@@ -626,8 +632,8 @@
         view = await api("GET", base);
       } catch (e) {
         if (e.status === 404) {
-          summary.replaceChildren(h("p", { class: "error" }, e.message));
-          instancesBox.replaceChildren();
+          fill(summary, h("p", { class: "error" }, e.message));
+          fill(instancesBox);
           return;
         }
         throw e;
@@ -639,7 +645,7 @@
       ]);
       current = view;
       const m = view.revision.manifest;
-      summary.replaceChildren(
+      fill(summary,
         h(
           "dl",
           { class: "facts" },
@@ -662,7 +668,7 @@
       }
       scaleInput.disabled = !!m.global;
       rollbackButton.disabled = view.app.revision <= 1;
-      instancesBox.replaceChildren(
+      fill(instancesBox,
         table(
           [
             { label: "Instance" },
@@ -692,7 +698,7 @@
           "No instances.",
         ),
       );
-      history.replaceChildren(
+      fill(history,
         table(
           [{ label: "Revision", num: true }, { label: "Cause" }, { label: "Image" }, { label: "Instances", num: true }, { label: "Created" }, { label: "" }],
           revisions
@@ -714,7 +720,7 @@
           "No revisions.",
         ),
       );
-      eventsBox.replaceChildren(eventsList(events));
+      fill(eventsBox, eventsList(events));
     }
 
     return { el, title: `${name} \u2013 ${project}`, kinds: ["apps", "instances", "events"], update, stop: logs.stop };
@@ -852,9 +858,9 @@
       const [node, instances] = await Promise.all([api("GET", `/v1/nodes/${enc(nodeName)}`), api("GET", "/v1/instances")]);
       draining = node.status === "draining";
       drainButton.textContent = draining ? "Undrain" : "Drain";
-      statusBox.replaceChildren(badge(node.status));
+      fill(statusBox, badge(node.status));
       const labels = Object.entries(node.labels || {});
-      facts.replaceChildren(
+      fill(facts,
         h(
           "dl",
           { class: "facts" },
@@ -874,9 +880,9 @@
           h("dd", {}, fmtTime(node.registered_at_ms)),
         ),
       );
-      capacity.replaceChildren(...capacityBars(node));
+      fill(capacity, ...capacityBars(node));
       const mine = instances.filter((i) => i.node === nodeName);
-      instancesBox.replaceChildren(
+      fill(instancesBox,
         table(
           [
             { label: "App" },
@@ -933,7 +939,7 @@
       page = overviewPage();
     }
     document.title = `${page.title} \u00b7 Keel`;
-    main.replaceChildren(page.el);
+    fill(main, page.el);
     (page.focus || main).focus({ preventScroll: true });
     window.scrollTo(0, 0);
     refresh(ALL);
