@@ -303,6 +303,37 @@ async fn the_console_shows_the_cluster_live_in_a_real_browser() {
     assert_eq!(admin.instances("shop", "web").await.unwrap().len(), 5);
     screenshot(&browser, "app-scaled").await;
 
+    // A rolling restart: five new instances of revision 3 replace them.
+    let before: Vec<String> = admin
+        .instances("shop", "web")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    click(&browser, "#restart").await;
+    confirm(&browser).await;
+    let replaced = format!(
+        "return [...document.querySelectorAll('#instances tr[data-instance]')]\
+           .filter(r => r.dataset.state === 'running' && !{before:?}.includes(r.dataset.instance))\
+           .length"
+    );
+    until(&browser, "five new running instances", &replaced, |v| {
+        v == &json!(5)
+    })
+    .await;
+    until(&browser, "only those", running, |v| {
+        v.as_array().is_some_and(|s| s.len() == 5)
+    })
+    .await;
+    until(
+        &browser,
+        "the restart as current",
+        &text_of("#current-revision"),
+        |v| v == &json!("3 (rolling restart)"),
+    )
+    .await;
+
     // A node page, from the overview: drain it and see it draining.
     click(&browser, "nav a[href='#/']").await;
     click(&browser, "#regions a[href='#/nodes/node-a1']").await;

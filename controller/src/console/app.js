@@ -159,6 +159,13 @@
     );
   }
 
+  // An instance's measured usage, when its agent reports it (an older
+  // controller or agent does not: shown as a dash).
+  function stat(instance, name) {
+    const value = instance[name] ?? (instance.stats || {})[name];
+    return typeof value === "number" ? value : null;
+  }
+
   function addresses(instance) {
     const ports = Object.entries(instance.ports || {});
     if (!ports.length) return "\u2014";
@@ -690,8 +697,8 @@
               i.ready ? "yes" : "no",
               addresses(i),
               i.restarts,
-              fmtCpu(i.cpu_millis),
-              fmtBytes(i.memory_bytes),
+              fmtCpu(stat(i, "cpu_millis")),
+              fmtBytes(stat(i, "memory_bytes")),
               i.revision,
             ],
           })),
@@ -903,8 +910,8 @@
               i.ready ? "yes" : "no",
               addresses(i),
               i.restarts,
-              fmtCpu(i.cpu_millis),
-              fmtBytes(i.memory_bytes),
+              fmtCpu(stat(i, "cpu_millis")),
+              fmtBytes(stat(i, "memory_bytes")),
             ],
           })),
           "No instances on this node.",
