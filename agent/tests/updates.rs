@@ -282,6 +282,17 @@ async fn scale_keeps_the_running_instances_and_restart_replaces_every_one() {
         ids(&first).is_subset(&ids(&scaled)),
         "no instance was replaced"
     );
+    let nodes = admin.get("/v1/nodes").await.unwrap();
+    let allocated = |field: &str| -> u64 {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["allocated"][field].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(allocated("instances"), 5, "{nodes}");
+    assert_eq!(allocated("cpu_millis"), 5 * 100, "the default 100m each");
 
     // Restart: every one is replaced, by a rolling update.
     let restarted = admin

@@ -34,7 +34,11 @@ pub struct NodeView {
     pub roles: Vec<String>,
     pub capacity: NodeCapacity,
     /// What the instances placed on the node reserve, against `capacity`.
-    pub allocated: Allocation,
+    /// Absent from a heartbeat's answer: heartbeats are too frequent to
+    /// count every instance for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub allocated: Option<Allocation>,
     pub address: String,
     /// `ready`, `draining` or `lost`.
     #[schema(schema_with = crate::api::openapi::node_status)]
@@ -227,7 +231,16 @@ impl Nodes {
             .await?
             .remove(&record.name)
             .unwrap_or_default();
-        Ok(view(record, alive, allocated))
+        Ok(view(record, alive, Some(allocated)))
+    }
+
+    /// The node without its allocation, which costs a read of every
+    /// instance: for answers to heartbeats.
+    pub async fn show_brief(&self, name: &str) -> Result<NodeView, ApiError> {
+        check_name("node", name)?;
+        let record = self.record(name).await?;
+        let alive = self.store.get(&keys::alive(&record.name)).await?.is_some();
+        Ok(view(record, alive, None))
     }
 
     pub async fn show(&self, name: &str) -> Result<NodeView, ApiError> {
@@ -246,7 +259,7 @@ impl Nodes {
             .map(|(record, _)| {
                 let is_alive = alive.contains(&record.name);
                 let allocated = allocated.remove(&record.name).unwrap_or_default();
-                view(record, is_alive, allocated)
+                view(record, is_alive, Some(allocated))
             })
             .collect())
     }
@@ -309,7 +322,7 @@ async fn allocations(store: &dyn Store) -> Result<BTreeMap<String, Allocation>, 
     Ok(by_node)
 }
 
-fn view(record: NodeRecord, alive: bool, allocated: Allocation) -> NodeView {
+fn view(record: NodeRecord, alive: bool, allocated: Option<Allocation>) -> NodeView {
     let status = match (alive, record.draining) {
         (false, _) => "lost",
         (true, true) => "draining",

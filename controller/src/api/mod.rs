@@ -878,7 +878,7 @@ async fn register_node(
 async fn authorize_node(state: &ApiState, node: &str, headers: &HeaderMap) -> Result<(), ApiError> {
     let token = bearer(headers).ok_or(ApiError::Unauthorized)?;
     if state.auth.is_admin(token) {
-        state.nodes.show(node).await?;
+        state.nodes.show_brief(node).await?;
     } else {
         state.nodes.authenticate(node, token).await?;
     }
@@ -897,7 +897,7 @@ async fn authorize_node(state: &ApiState, node: &str, headers: &HeaderMap) -> Re
     security(("node_credential" = []), ("admin_token" = [])),
     params(NodePath),
     responses(
-        (status = 200, description = "The node, as it is now.", body = NodeView),
+        (status = 200, description = "The node, as it is now (without `allocated`).", body = NodeView),
         (status = 400, description = "The name is not a DNS label.", body = ErrorBody),
         (status = 401, response = Unauthorized),
         (status = 404, description = "With the admin token: there is no such node.", body = ErrorBody),
@@ -912,7 +912,7 @@ async fn heartbeat(
 ) -> Result<Response, ApiError> {
     authorize_node(&state, &node, &headers).await?;
     state.nodes.heartbeat_alive(&node).await?;
-    Ok(Json(state.nodes.show(&node).await?).into_response())
+    Ok(Json(state.nodes.show_brief(&node).await?).into_response())
 }
 
 /// Lists every node
@@ -1266,7 +1266,7 @@ async fn watch_routes(
     if !state.auth.is_admin(token)
         && !state
             .nodes
-            .show(&query.node)
+            .show_brief(&query.node)
             .await?
             .roles
             .iter()
