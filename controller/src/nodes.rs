@@ -34,8 +34,8 @@ pub struct NodeView {
     pub roles: Vec<String>,
     pub capacity: NodeCapacity,
     /// What the instances placed on the node reserve, against `capacity`.
-    /// Absent from a heartbeat's answer: heartbeats are too frequent to
-    /// count every instance for.
+    /// Absent from the answers to heartbeats and registrations, which are
+    /// too frequent to count every instance for.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub allocated: Option<Allocation>,
@@ -176,7 +176,9 @@ impl Nodes {
             )));
         }
         self.heartbeat_alive(&record.name).await?;
-        let node = self.view(record).await?;
+        // Without the allocation: a fleet registering at once must not
+        // read every instance once per node.
+        let node = view(record, true, None);
         Ok(Registered { node, token })
     }
 
