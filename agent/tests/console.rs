@@ -120,11 +120,35 @@ fn screenshots() -> PathBuf {
     dir
 }
 
+/// Saves the whole page (the window grown to its height for the shot).
 async fn screenshot(browser: &Client, name: &str) {
     // Let the last update paint.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let (width, height) = browser.get_window_size().await.unwrap();
+    let (width, height) = (
+        u32::try_from(width).unwrap(),
+        u32::try_from(height).unwrap(),
+    );
+    // What the page needs beyond what the window shows now.
+    let more = browser
+        .execute(
+            "return document.documentElement.scrollHeight - window.innerHeight",
+            vec![],
+        )
+        .await
+        .unwrap()
+        .as_i64()
+        .unwrap_or(0);
+    let tall = (height + u32::try_from(more.max(0)).unwrap_or(0)).min(4000);
+    if tall > height {
+        browser.set_window_size(width, tall).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let png = browser.screenshot().await.unwrap();
     std::fs::write(screenshots().join(format!("{name}.png")), png).unwrap();
+    if tall > height {
+        browser.set_window_size(width, height).await.unwrap();
+    }
 }
 
 /// Runs `script` (a function body that returns a value) in the page until

@@ -736,7 +736,12 @@
   // The app's logs, streamed while shown: one line per line the app's
   // instances print, each prefixed by the instance's id (by the API).
   function logsView(project, name) {
-    const pre = h("pre", { class: "logs", id: "logs", tabindex: 0, "aria-label": "Log lines", "aria-live": "off" });
+    const pre = h(
+      "pre",
+      { class: "logs", id: "logs", tabindex: 0, "aria-label": "Log lines", "aria-live": "off" },
+      "Follow logs to see what the app's instances print, as they print it.\n",
+    );
+    let fresh = true;
     const status = h("p", { class: "muted", id: "logs-status", role: "status" }, "Not following.");
     let abort = null;
     const toggle = h(
@@ -759,6 +764,10 @@
     }
 
     async function start() {
+      if (fresh) {
+        pre.replaceChildren();
+        fresh = false;
+      }
       abort = new AbortController();
       const mine = abort;
       toggle.textContent = "Stop following";
