@@ -113,6 +113,10 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         ),
         None => println!("Join token: in {}", server.join_token_file.display()),
     }
+    println!(
+        "Console: http://{}/ (sign in with the admin token)",
+        server.addr
+    );
     wait_for_signal().await?;
     println!("Stopping: finishing requests in flight");
     server.shutdown().await

@@ -638,7 +638,7 @@
       try {
         view = await api("GET", base);
       } catch (e) {
-        if (e.status === 404) {
+        if (e.status === 404 || e.status === 400) {
           fill(summary, h("p", { class: "error" }, e.message));
           fill(instancesBox);
           return;
@@ -871,7 +871,19 @@
       h("section", { class: "panel", "aria-labelledby": "node-instances-title" }, h("h2", { id: "node-instances-title" }, "Instances"), instancesBox),
     );
     async function update() {
-      const [node, instances] = await Promise.all([api("GET", `/v1/nodes/${enc(nodeName)}`), api("GET", "/v1/instances")]);
+      let node;
+      try {
+        node = await api("GET", `/v1/nodes/${enc(nodeName)}`);
+      } catch (e) {
+        if (e.status === 404 || e.status === 400) {
+          fill(facts, h("p", { class: "error" }, e.message));
+          drainButton.disabled = true;
+          return;
+        }
+        throw e;
+      }
+      drainButton.disabled = false;
+      const instances = await api("GET", "/v1/instances");
       draining = node.status === "draining";
       drainButton.textContent = draining ? "Undrain" : "Drain";
       fill(statusBox, badge(node.status));
