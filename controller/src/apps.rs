@@ -282,10 +282,8 @@ impl Apps {
             }
             // Through the manifest's own validator, so that the limits and
             // their words are the manifest's.
-            let mut json: serde_json::Value =
-                serde_json::from_slice(&current.manifest.canonical_json()).map_err(|e| {
-                    ApiError::Internal(format!("canonical manifest does not read back: {e}"))
-                })?;
+            let mut json = serde_json::to_value(&current.manifest)
+                .map_err(|e| ApiError::Internal(format!("cannot encode the manifest: {e}")))?;
             json["instances"] = instances.into();
             let manifest = keel_manifest::parse(&json.to_string(), keel_manifest::Format::Json)
                 .map_err(|errors| {
@@ -297,7 +295,9 @@ impl Apps {
                             .collect(),
                     )
                 })?;
-            let count = u32::try_from(instances).unwrap_or(u32::MAX);
+            let Instances::Count(count) = manifest.instances else {
+                return Err(ApiError::Internal("a scaled manifest is global".into()));
+            };
             let cause = RevisionCause::Scale { instances: count };
             if let Some(applied) = self
                 .try_apply(&manifest, Expect::Base(app.revision), cause)
