@@ -3,7 +3,9 @@
 //! `scripts/setup.sh`) against a simulated cluster. What a user would see:
 //! a wrong token is refused in the API's words; the right one shows the
 //! nodes and the app; a scale shows its new instances without a reload;
-//! a drain shows on the node, and an undrain made elsewhere shows too.
+//! a rolling restart replaces every instance before their eyes; a drain
+//! shows on the node, and an undrain made elsewhere shows too; a
+//! controller restart is a "Reconnecting…" and no more.
 //!
 //! A screenshot of each page is saved under
 //! `<target>/console-screenshots/`, the test's artifacts.
@@ -219,7 +221,7 @@ async fn the_console_shows_the_cluster_live_in_a_real_browser() {
         NodeSpec::new("node-b1", "zone-b"),
         NodeSpec::new("node-c1", "zone-c").role("router"),
     ];
-    let cluster = SimCluster::start(&nodes).await.unwrap();
+    let mut cluster = SimCluster::start(&nodes).await.unwrap();
     let admin = cluster.admin();
     admin.apply(&app("web", "shop/web:1", 2)).await.unwrap();
     eventually!(CONVERGE, {
@@ -406,6 +408,41 @@ async fn the_console_shows_the_cluster_live_in_a_real_browser() {
         json!(7),
         "still no reload"
     );
+
+    // The controller stops gracefully (the page's stream does not hold it
+    // up), and comes back on the same address: the page says so, then
+    // goes on live.
+    let addr = cluster.controller_addr();
+    tokio::time::timeout(Duration::from_secs(10), cluster.stop_controller())
+        .await
+        .expect("the console's stream does not hold up a graceful stop")
+        .unwrap();
+    until(
+        &browser,
+        "that it is reconnecting",
+        &text_of("#live"),
+        |v| v == &json!("Reconnecting\u{2026}"),
+    )
+    .await;
+    cluster.start_controller().await.unwrap();
+    assert_eq!(cluster.controller_addr(), addr, "the same port was free");
+    until(&browser, "that it is live again", &text_of("#live"), |v| {
+        v == &json!("Live")
+    })
+    .await;
+    let admin = cluster.admin();
+    admin
+        .call(reqwest::Method::POST, "/v1/nodes/node-b1/drain", None)
+        .await
+        .unwrap();
+    click(&browser, "nav a[href='#/']").await;
+    until(
+        &browser,
+        "node-b1 draining, after the restart",
+        &text_of("#regions [data-node='node-b1'] .badge"),
+        |v| v == &json!("draining"),
+    )
+    .await;
 
     // On a phone's screen.
     browser.set_window_size(390, 844).await.unwrap();
