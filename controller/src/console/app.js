@@ -14,6 +14,7 @@
   // A stream that says nothing (not even its keepalive) for this long is dead.
   const WATCH_SILENCE_MS = 30000;
   const LOG_LINES_KEPT = 2000;
+  const MIN_UPDATE_GAP_MS = 250;
 
   const main = document.getElementById("main");
   const live = document.getElementById("live");
@@ -343,9 +344,17 @@
       updating = false;
     }
     if (pending) {
+      // A busy cluster changes all the time: re-read at most a few times
+      // a second, and never two reads at once.
       const next = [...pending];
       pending = null;
-      refresh(next);
+      updating = true;
+      setTimeout(() => {
+        const kinds = [...next, ...(pending || [])];
+        pending = null;
+        updating = false;
+        refresh(kinds);
+      }, MIN_UPDATE_GAP_MS);
     }
   }
 
