@@ -210,7 +210,8 @@ impl Admin {
         &self.base
     }
 
-    /// The admin token, for clients the test starts itself (the CLI).
+    /// The admin token, for clients the test starts itself (the CLI, the
+    /// console).
     pub fn token(&self) -> &str {
         &self.token
     }
@@ -274,12 +275,18 @@ impl Admin {
         Ok(view["revision"]["manifest"].clone())
     }
 
-    /// Scales an app: its current manifest again, with `instances` changed
-    /// (the API has no scale verb; a scale is a new revision).
+    /// Scales an app (`POST .../scale`): a new revision with only the
+    /// count changed.
     pub async fn scale(&self, project: &str, app: &str, instances: u32) -> anyhow::Result<Value> {
-        let mut manifest = self.manifest(project, app).await?;
-        manifest["instances"] = instances.into();
-        self.apply_json(&manifest).await
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/projects/{project}/apps/{app}/scale"),
+            Some((
+                "application/json",
+                serde_json::json!({ "instances": instances }).to_string(),
+            )),
+        )
+        .await
     }
 
     /// Rolls back to the revision before the current one.

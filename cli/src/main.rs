@@ -380,6 +380,10 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         ),
         None => println!("Join token: in {}", server.join_token_file.display()),
     }
+    println!(
+        "Console: http://{}/ (sign in with the admin token)",
+        server.addr
+    );
     stop.wait().await?;
     println!("Stopping: finishing requests in flight");
     server.shutdown().await

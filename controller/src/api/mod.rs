@@ -34,6 +34,7 @@ pub use openapi::openapi_json;
 use crate::agents::{Agents, InstanceView};
 use crate::apps::{Applied, Apps};
 use crate::auth::Auth;
+use crate::changes::{Changed, Changes};
 use crate::nodes::{NodeView, Nodes, Registered, Registration};
 use crate::records::{AppRecord, EventRecord, ProjectRecord, RevisionRecord};
 use crate::routes::Routes;
@@ -100,7 +101,18 @@ pub const ROUTES: &[(Method, &str, &str)] = &[
         "/v1/projects/p/apps/a/rollback",
         "/v1/projects/{project}/apps/{app}/rollback",
     ),
+    (
+        Method::POST,
+        "/v1/projects/p/apps/a/scale",
+        "/v1/projects/{project}/apps/{app}/scale",
+    ),
+    (
+        Method::POST,
+        "/v1/projects/p/apps/a/restart",
+        "/v1/projects/{project}/apps/{app}/restart",
+    ),
     (Method::GET, "/v1/events", "/v1/events"),
+    (Method::GET, "/v1/watch", "/v1/watch"),
     (Method::POST, "/v1/nodes", "/v1/nodes"),
     (Method::GET, "/v1/nodes", "/v1/nodes"),
     (Method::GET, "/v1/nodes/n", "/v1/nodes/{node}"),
@@ -128,6 +140,7 @@ pub struct ApiState {
     pub nodes: Arc<Nodes>,
     pub agents: Agents,
     pub routes: Routes,
+    pub changes: Changes,
     pub auth: Arc<Auth>,
     /// Becomes true when the controller stops: open streams end then.
     pub stopping: tokio::sync::watch::Receiver<bool>,
@@ -144,7 +157,10 @@ fn admin_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(list_revisions))
         .routes(routes!(show_revision))
         .routes(routes!(rollback))
+        .routes(routes!(scale))
+        .routes(routes!(restart))
         .routes(routes!(list_events))
+        .routes(routes!(watch))
         .routes(routes!(list_nodes))
         .routes(routes!(show_node))
         .routes(routes!(drain_node))
@@ -177,6 +193,7 @@ pub fn router(state: ApiState) -> axum::Router {
     });
     admin
         .merge(agents)
+        .merge(crate::console::router())
         .route(OPENAPI_PATH, serve_document)
         .fallback(|| async { ApiError::NotFound("route".into()) })
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
@@ -672,6 +689,114 @@ async fn rollback(
     .into_response())
 }
 
+/// The instance count to scale to.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ScaleRequest {
+    /// How many instances run: 0..1000 (0 keeps the app defined but
+    /// stopped).
+    #[schema(value_type = u32)]
+    instances: serde_json::Value,
+}
+
+/// Scales an app
+///
+/// Changes only the instance count: a new revision with the current
+/// manifest and `instances` changed (none when the count is already that).
+/// Running instances stay; only the difference is started or stopped.
+#[utoipa::path(
+    post,
+    path = "/v1/projects/{project}/apps/{app}/scale",
+    tag = "apps",
+    security(("admin_token" = [])),
+    params(AppPath),
+    request_body = ScaleRequest,
+    responses(
+        (status = 200, description = "The app and its revision; `changed` says whether the count was new.", body = Applied),
+        (status = 400, description = "A name is not a DNS label, the body is not a `ScaleRequest`, or `instances` is out of range; nothing changed.", body = ErrorBody, example = json!({
+            "error": "invalid",
+            "message": "invalid request: instances: must be 0..1000, got 5000",
+            "problems": [{"path": "instances", "message": "must be 0..1000, got 5000"}]
+        })),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "There is no such app.", body = ErrorBody),
+        (status = 409, description = "Other writes to the app kept winning the race; try again.", body = ErrorBody),
+        (status = 413, response = TooLarge),
+        (status = 422, description = "The app is global: it has no count.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn scale(
+    State(state): State<ApiState>,
+    Path(AppPath { project, app }): Path<AppPath>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request: ScaleRequest = json_body(&body(raw)?)?;
+    let instances = request.instances.as_u64().ok_or_else(|| {
+        ApiError::Invalid(vec![FieldProblem::new(
+            "instances",
+            format!(
+                "must be a whole number of instances, got {}",
+                request.instances
+            ),
+        )])
+    })?;
+    Ok(Json(state.apps.scale(&project, &app, instances).await?).into_response())
+}
+
+/// Restarts an app's instances, rolling
+///
+/// A new revision with the same manifest whose instances replace every
+/// running one, as a new manifest's would: under the app's update strategy
+/// (`max_surge`, `max_unavailable`, `min_ready`), so the app stays up.
+/// Takes no body.
+#[utoipa::path(
+    post,
+    path = "/v1/projects/{project}/apps/{app}/restart",
+    tag = "apps",
+    security(("admin_token" = [])),
+    params(AppPath),
+    responses(
+        (status = 200, description = "The app and the new revision, whose `cause` is `restart`.", body = Applied),
+        (status = 400, description = "A name is not a DNS label.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "There is no such app.", body = ErrorBody),
+        (status = 409, description = "Other writes to the app kept winning the race; try again.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn restart(
+    State(state): State<ApiState>,
+    Path(AppPath { project, app }): Path<AppPath>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.apps.restart(&project, &app).await?).into_response())
+}
+
+/// Streams which kinds of resource change
+///
+/// Newline-delimited JSON, one `Changed` a line: first one with nothing
+/// changed (read everything now), then one per burst of changes naming
+/// the kinds that changed, for as long as the connection lasts; a blank
+/// line when quiet. For views that show the cluster live and re-read what
+/// they show. When it breaks, connect again and re-read.
+#[utoipa::path(
+    get,
+    path = "/v1/watch",
+    tag = "events",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The stream, one `Changed` per line.", body = Changed, content_type = "application/x-ndjson"),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn watch(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    Ok(ndjson(state.changes.watch().await?, state.stopping.clone()))
+}
+
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -753,7 +878,7 @@ async fn register_node(
 async fn authorize_node(state: &ApiState, node: &str, headers: &HeaderMap) -> Result<(), ApiError> {
     let token = bearer(headers).ok_or(ApiError::Unauthorized)?;
     if state.auth.is_admin(token) {
-        state.nodes.show(node).await?;
+        state.nodes.show_brief(node).await?;
     } else {
         state.nodes.authenticate(node, token).await?;
     }
@@ -772,7 +897,7 @@ async fn authorize_node(state: &ApiState, node: &str, headers: &HeaderMap) -> Re
     security(("node_credential" = []), ("admin_token" = [])),
     params(NodePath),
     responses(
-        (status = 200, description = "The node, as it is now.", body = NodeView),
+        (status = 200, description = "The node, as it is now (without `allocated`).", body = NodeView),
         (status = 400, description = "The name is not a DNS label.", body = ErrorBody),
         (status = 401, response = Unauthorized),
         (status = 404, description = "With the admin token: there is no such node.", body = ErrorBody),
@@ -787,7 +912,7 @@ async fn heartbeat(
 ) -> Result<Response, ApiError> {
     authorize_node(&state, &node, &headers).await?;
     state.nodes.heartbeat_alive(&node).await?;
-    Ok(Json(state.nodes.show(&node).await?).into_response())
+    Ok(Json(state.nodes.show_brief(&node).await?).into_response())
 }
 
 /// Lists every node
@@ -1141,7 +1266,7 @@ async fn watch_routes(
     if !state.auth.is_admin(token)
         && !state
             .nodes
-            .show(&query.node)
+            .show_brief(&query.node)
             .await?
             .roles
             .iter()
