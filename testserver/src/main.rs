@@ -370,14 +370,13 @@ async fn websocket(mut stream: TcpStream, read_ahead: Vec<u8>, request: &Request
     let socket = WebSocketStream::from_partially_read(stream, read_ahead, Role::Server, None).await;
     let (mut sink, mut source) = socket.split();
     while let Some(Ok(message)) = source.next().await {
-        match message {
-            Message::Text(_) | Message::Binary(_) => {
-                if sink.send(message).await.is_err() {
-                    return;
-                }
-            }
+        let echo = match message {
+            Message::Text(_) | Message::Binary(_) => message,
             Message::Close(_) => return,
-            _ => {}
+            _ => continue,
+        };
+        if sink.send(echo).await.is_err() {
+            return;
         }
     }
 }
