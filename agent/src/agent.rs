@@ -24,8 +24,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_manifest::RestartPolicy;
 use futures::StreamExt;
+use keel_manifest::RestartPolicy;
 use keel_protocol::{
     InstanceRef, InstanceSpec, InstanceState, InstanceStatus, LogRequest, StatusReport,
     StreamMessage,
@@ -388,20 +388,19 @@ impl Shared {
                 }
             };
             // A read error ends the log with the reason as its last line.
-            let body = lines
-                .scan(false, |failed, line| {
-                    if *failed {
-                        return futures::future::ready(None);
+            let body = lines.scan(false, |failed, line| {
+                if *failed {
+                    return futures::future::ready(None);
+                }
+                let text = match line {
+                    Ok(line) => format!("{line}\n"),
+                    Err(error) => {
+                        *failed = true;
+                        format!("keel: {}\n", error_chain(&error))
                     }
-                    let text = match line {
-                        Ok(line) => format!("{line}\n"),
-                        Err(error) => {
-                            *failed = true;
-                            format!("keel: {}\n", error_chain(&error))
-                        }
-                    };
-                    futures::future::ready(Some(Ok::<_, std::convert::Infallible>(text)))
-                });
+                };
+                futures::future::ready(Some(Ok::<_, std::convert::Infallible>(text)))
+            });
             let sent = shared.controller.send_logs(
                 shared.node(),
                 &credential,

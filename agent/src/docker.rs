@@ -54,8 +54,8 @@ use bollard::models::{
     HostConfig, NetworkCreateRequest, NetworkingConfig, PortBinding,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, EventsOptions, ListContainersOptions, LogsOptions,
-    RemoveContainerOptions, StatsOptions, StopContainerOptions,
+    CreateContainerOptions, CreateImageOptions, EventsOptions, ListContainersOptions,
+    ListNetworksOptions, LogsOptions, RemoveContainerOptions, StatsOptions, StopContainerOptions,
 };
 use futures::StreamExt;
 use keel_manifest::Probe;
@@ -217,6 +217,7 @@ struct Inner {
     /// no redirects followed (a 3xx passes).
     http: reqwest::Client,
     background: Mutex<Vec<JoinHandle<()>>>,
+    network_lock: tokio::sync::Mutex<()>,
 }
 
 impl Drop for Inner {
@@ -230,7 +231,9 @@ impl Drop for Inner {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // No code path panics while holding these locks; a map is consistent
     // after every single insert or remove.
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The Docker runtime of one node. Cheap to clone: clones share the
@@ -300,7 +303,10 @@ impl DockerRuntime {
         docker: Docker,
         config: DockerConfig,
     ) -> Result<DockerRuntime, ConnectError> {
-        let docker = docker.negotiate_version().await.map_err(ConnectError::Ping)?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(ConnectError::Ping)?;
         docker.ping().await.map_err(ConnectError::Ping)?;
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -316,6 +322,7 @@ impl DockerRuntime {
             changed: Notify::new(),
             http,
             background: Mutex::default(),
+            network_lock: tokio::sync::Mutex::new(()),
         });
         let events = tokio::spawn(follow_events(Arc::downgrade(&inner)));
         let stats = tokio::spawn(sample_stats(Arc::downgrade(&inner)));
@@ -398,12 +405,19 @@ impl Inner {
         Ok(())
     }
 
+    /// The project's network, made when missing; returns its id.
+    ///
+    /// Docker does not keep network names unique: agents (or starts) that
+    /// create one at once can make several. Every agent settles on the
+    /// same one (the lowest id), removes the others it can, and refers to
+    /// the network by id from then on.
     async fn ensure_network(&self, instance: &InstanceRef) -> Result<String, RuntimeError> {
         let name = DockerRuntime::network_name(&instance.project);
-        match self.docker.inspect_network(&name, None).await {
-            Ok(_) => return Ok(name),
-            Err(error) if is_not_found(&error) => {}
-            Err(error) => return Err(self.start_error(instance, error)),
+        // One creation at a time in this agent; other agents are handled
+        // by settling on the lowest id.
+        let _creating = self.network_lock.lock().await;
+        if let Some(id) = self.canonical_network(instance, &name).await? {
+            return Ok(id);
         }
         let request = NetworkCreateRequest {
             name: name.clone(),
@@ -415,11 +429,48 @@ impl Inner {
             ..Default::default()
         };
         match self.docker.create_network(request).await {
-            Ok(_) => Ok(name),
-            // Another agent on this engine (or another start) made it.
-            Err(error) if status_is(&error, 409) => Ok(name),
-            Err(error) => Err(self.start_error(instance, error)),
+            Ok(_) => {}
+            Err(error) if status_is(&error, 409) => {}
+            Err(error) => return Err(self.start_error(instance, error)),
         }
+        self.canonical_network(instance, &name)
+            .await?
+            .ok_or_else(|| {
+                self.start_error(
+                    instance,
+                    DockerError::DockerResponseServerError {
+                        status_code: 404,
+                        message: format!("network {name} vanished after it was created"),
+                    },
+                )
+            })
+    }
+
+    async fn canonical_network(
+        &self,
+        instance: &InstanceRef,
+        name: &str,
+    ) -> Result<Option<String>, RuntimeError> {
+        let options = ListNetworksOptions {
+            filters: Some(HashMap::from([("name".to_owned(), vec![name.to_owned()])])),
+        };
+        let networks = self
+            .docker
+            .list_networks(Some(options))
+            .await
+            .map_err(|e| self.start_error(instance, e))?;
+        // The name filter matches substrings.
+        let mut ids: Vec<String> = networks
+            .into_iter()
+            .filter(|n| n.name.as_deref() == Some(name))
+            .filter_map(|n| n.id)
+            .collect();
+        ids.sort();
+        for duplicate in ids.iter().skip(1) {
+            // In use by another agent's container, it stays; harmless.
+            let _ = self.docker.remove_network(duplicate).await;
+        }
+        Ok(ids.into_iter().next())
     }
 
     fn create_body(&self, spec: &InstanceSpec, network: &str) -> ContainerCreateBody {
@@ -505,8 +556,7 @@ impl Inner {
                     .as_ref()
                     .and_then(|c| c.labels.clone())
                     .unwrap_or_default();
-                let same_revision =
-                    labels.get(LABEL_REVISION) == Some(&spec.revision.to_string());
+                let same_revision = labels.get(LABEL_REVISION) == Some(&spec.revision.to_string());
                 let running = existing
                     .state
                     .as_ref()
@@ -526,7 +576,7 @@ impl Inner {
                     return Ok(());
                 }
                 // Another revision under this name: replaced.
-                self.remove(instance, &name).await?;
+                self.remove(instance).await?;
             }
             Err(error) if is_not_found(&error) => {}
             Err(error) => return Err(self.start_error(instance, error)),
@@ -557,46 +607,78 @@ impl Inner {
             .await
             .map_err(|e| self.start_error(instance, e))?;
         lock(&self.probers).remove(name);
-        self.docker
-            .start_container(name, None)
-            .await
-            .map_err(|e| self.start_error(instance, e))?;
+        if let Err(error) = self.docker.start_container(name, None).await {
+            // Not left behind as "created": the next attempt starts
+            // afresh, and the agent reports this error as the reason.
+            let options = RemoveContainerOptions {
+                force: true,
+                ..Default::default()
+            };
+            let _ = self.docker.remove_container(name, Some(options)).await;
+            return Err(self.start_error(instance, error));
+        }
         self.spawn_prober(name, &labels);
         Ok(())
     }
 
-    /// Stops (SIGTERM, then SIGKILL after the stop timeout) and removes.
-    async fn remove(&self, instance: &InstanceRef, name: &str) -> Result<(), RuntimeError> {
-        lock(&self.probers).remove(name);
-        lock(&self.samples).remove(name);
+    /// Stops (SIGTERM, then SIGKILL after the stop timeout) and removes
+    /// every container of the instance on this node, found by its labels
+    /// (a container made by hand, or by another Keel version, may have
+    /// another name).
+    async fn remove(&self, instance: &InstanceRef) -> Result<(), RuntimeError> {
         let stop_error = |source: DockerError| RuntimeError::Stop {
             instance: display_ref(instance),
             source: source.into(),
         };
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![
+                format!("{LABEL_NODE}={}", self.config.node),
+                format!("{LABEL_PROJECT}={}", instance.project),
+                format!("{LABEL_APP}={}", instance.app),
+                format!("{LABEL_INSTANCE}={}", instance.id),
+            ],
+        )]);
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let containers = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(stop_error)?;
+        let name = container_name(&self.config.node, instance);
+        lock(&self.probers).remove(&name);
+        lock(&self.samples).remove(&name);
         let timeout = i32::try_from(self.config.stop_timeout.as_secs()).unwrap_or(i32::MAX);
-        let options = StopContainerOptions {
-            t: Some(timeout),
-            ..Default::default()
-        };
-        match self.docker.stop_container(name, Some(options)).await {
-            Ok(()) => {}
-            Err(error) if is_not_found(&error) => return Ok(()),
-            // 304: already stopped.
-            Err(error) if status_is(&error, 304) => {}
-            Err(error) => return Err(stop_error(error)),
+        for id in containers.into_iter().filter_map(|c| c.id) {
+            let options = StopContainerOptions {
+                t: Some(timeout),
+                ..Default::default()
+            };
+            match self.docker.stop_container(&id, Some(options)).await {
+                Ok(()) => {}
+                Err(error) if is_not_found(&error) => continue,
+                // 304: already stopped.
+                Err(error) if status_is(&error, 304) => {}
+                Err(error) => return Err(stop_error(error)),
+            }
+            let options = RemoveContainerOptions {
+                force: true,
+                v: true,
+                ..Default::default()
+            };
+            match self.docker.remove_container(&id, Some(options)).await {
+                Ok(()) => {}
+                Err(error) if is_not_found(&error) => {}
+                // 409: a removal already in progress.
+                Err(error) if status_is(&error, 409) => {}
+                Err(error) => return Err(stop_error(error)),
+            }
         }
-        let options = RemoveContainerOptions {
-            force: true,
-            v: true,
-            ..Default::default()
-        };
-        match self.docker.remove_container(name, Some(options)).await {
-            Ok(()) => Ok(()),
-            Err(error) if is_not_found(&error) => Ok(()),
-            // 409: a removal already in progress.
-            Err(error) if status_is(&error, 409) => Ok(()),
-            Err(error) => Err(stop_error(error)),
-        }
+        Ok(())
     }
 
     /// Starts probing a running container, if it has a health check and no
@@ -650,7 +732,10 @@ impl Inner {
         ))
     }
 
-    async fn node_containers(&self, running_only: bool) -> Result<Vec<ContainerSummary>, DockerError> {
+    async fn node_containers(
+        &self,
+        running_only: bool,
+    ) -> Result<Vec<ContainerSummary>, DockerError> {
         let mut filters = HashMap::from([(
             "label".to_owned(),
             vec![format!("{LABEL_NODE}={}", self.config.node)],
@@ -666,7 +751,10 @@ impl Inner {
         self.docker.list_containers(Some(options)).await
     }
 
-    fn state_of(self: &Arc<Self>, container: &ContainerSummary) -> Option<(InstanceRef, RuntimeState)> {
+    fn state_of(
+        self: &Arc<Self>,
+        container: &ContainerSummary,
+    ) -> Option<(InstanceRef, RuntimeState)> {
         let labels = container.labels.clone().unwrap_or_default();
         let (instance, revision) = Self::instance_of(&labels)?;
         let name = container_name(&self.config.node, &instance);
@@ -769,8 +857,7 @@ impl Runtime for DockerRuntime {
     }
 
     async fn stop(&self, instance: &InstanceRef) -> Result<(), RuntimeError> {
-        let name = self.container_name(instance);
-        self.inner.remove(instance, &name).await
+        self.inner.remove(instance).await
     }
 
     async fn list(&self) -> Result<Vec<(InstanceRef, RuntimeState)>, RuntimeError> {
@@ -831,7 +918,10 @@ impl Runtime for DockerRuntime {
         let who = display_ref(instance);
         // Frames are not lines: a line may span frames, a frame hold many.
         let mut partial = String::new();
-        let chunks = docker.logs(&name, Some(options)).map(Some).chain(futures::stream::once(async { None }));
+        let chunks = docker
+            .logs(&name, Some(options))
+            .map(Some)
+            .chain(futures::stream::once(async { None }));
         let lines = chunks.flat_map(move |chunk| {
             let lines: Vec<Result<String, RuntimeError>> = match chunk {
                 Some(Ok(output)) => {
@@ -923,7 +1013,12 @@ async fn sample_stats(inner: Weak<Inner>) {
         drop(strong);
         let names: Vec<String> = containers
             .iter()
-            .filter_map(|c| c.names.as_ref()?.first().map(|n| n.trim_start_matches('/').to_owned()))
+            .filter_map(|c| {
+                c.names
+                    .as_ref()?
+                    .first()
+                    .map(|n| n.trim_start_matches('/').to_owned())
+            })
             .collect();
         let samples = futures::future::join_all(names.into_iter().map(|name| {
             let docker = docker.clone();
@@ -933,7 +1028,10 @@ async fn sample_stats(inner: Weak<Inner>) {
                     one_shot: false,
                 };
                 let sample = docker.stats(&name, Some(options)).next().await;
-                (name, sample.and_then(Result::ok).and_then(|s| stats_sample(&s)))
+                (
+                    name,
+                    sample.and_then(Result::ok).and_then(|s| stats_sample(&s)),
+                )
             }
         }))
         .await;
@@ -954,7 +1052,10 @@ fn stats_sample(stats: &bollard::models::ContainerStatsResponse) -> Option<Sampl
     let cpu = stats.cpu_stats.as_ref()?;
     let pre = stats.precpu_stats.as_ref();
     let total = |c: &bollard::models::ContainerCpuStats| {
-        c.cpu_usage.as_ref().and_then(|u| u.total_usage).unwrap_or(0)
+        c.cpu_usage
+            .as_ref()
+            .and_then(|u| u.total_usage)
+            .unwrap_or(0)
     };
     let cpu_delta = total(cpu).saturating_sub(pre.map_or(0, total));
     let system_delta = cpu
@@ -1007,7 +1108,9 @@ mod probe {
             }
             let outcome = match &target {
                 Some(target) => {
-                    match tokio::time::timeout(timeout, attempt(&strong, &name, &spec.kind, target)).await {
+                    match tokio::time::timeout(timeout, attempt(&strong, &name, &spec.kind, target))
+                        .await
+                    {
                         Ok(outcome) => outcome,
                         Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
                     }
@@ -1040,7 +1143,8 @@ mod probe {
                         }
                         if been_ready && failures >= spec.unhealthy_threshold {
                             h.ready = false;
-                            let reason = format!("{failures} failed probes in a row, the last: {why}");
+                            let reason =
+                                format!("{failures} failed probes in a row, the last: {why}");
                             h.unhealthy = Some(reason.clone());
                             (true, Some(reason))
                         } else {
@@ -1116,7 +1220,12 @@ mod probe {
         }
     }
 
-    async fn attempt(inner: &Inner, name: &str, kind: &ProbeKind, target: &Target) -> Result<(), String> {
+    async fn attempt(
+        inner: &Inner,
+        name: &str,
+        kind: &ProbeKind,
+        target: &Target,
+    ) -> Result<(), String> {
         match kind {
             ProbeKind::Http { port, path } => {
                 // Through the published address, as a router would reach it.
@@ -1206,7 +1315,10 @@ mod tests {
     #[test]
     fn image_references_split_for_the_pull_api() {
         assert_eq!(pull_reference("nginx"), ("nginx".into(), "latest".into()));
-        assert_eq!(pull_reference("nginx:1.27"), ("nginx".into(), "1.27".into()));
+        assert_eq!(
+            pull_reference("nginx:1.27"),
+            ("nginx".into(), "1.27".into())
+        );
         assert_eq!(
             pull_reference("localhost:5000/team/web"),
             ("localhost:5000/team/web".into(), "latest".into())
@@ -1224,7 +1336,10 @@ mod tests {
     #[test]
     fn exit_codes_come_from_the_status_text() {
         assert_eq!(exit_code_from_status("Exited (3) 2 seconds ago"), Some(3));
-        assert_eq!(exit_code_from_status("Exited (137) About a minute ago"), Some(137));
+        assert_eq!(
+            exit_code_from_status("Exited (137) About a minute ago"),
+            Some(137)
+        );
         assert_eq!(exit_code_from_status("Up 3 seconds"), None);
     }
 }
