@@ -71,6 +71,16 @@ pub const ROUTES: &[(Method, &str, &str)] = &[
         "/v1/nodes/n/status",
         "/v1/nodes/{node}/status",
     ),
+    (
+        Method::POST,
+        "/v1/nodes/n/logs/r",
+        "/v1/nodes/{node}/logs/{request}",
+    ),
+    (
+        Method::GET,
+        "/v1/projects/p/apps/a/logs",
+        "/v1/projects/{project}/apps/{app}/logs",
+    ),
     (Method::GET, "/v1/projects", "/v1/projects"),
     (Method::POST, "/v1/projects", "/v1/projects"),
     (Method::GET, "/v1/projects/p", "/v1/projects/{project}"),
@@ -168,6 +178,7 @@ fn admin_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(list_instances))
         .routes(routes!(route_table))
         .routes(routes!(app_instances))
+        .routes(routes!(app_logs))
 }
 
 /// The routes agents call: they authenticate with the join token, then
@@ -178,6 +189,7 @@ fn agent_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(heartbeat))
         .routes(routes!(watch_instances))
         .routes(routes!(report_status))
+        .routes(routes!(answer_logs))
         .routes(routes!(watch_routes))
 }
 
@@ -1197,6 +1209,171 @@ async fn app_instances(
 ) -> Result<Response, ApiError> {
     state.apps.app(&project, &app).await?;
     Ok(Json(state.agents.instances(Some((&project, &app))).await?).into_response())
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct LogsQuery {
+    /// The last this many lines of each instance; all when absent.
+    tail: Option<u32>,
+    /// Keep the response open and send new lines as they are written,
+    /// until the client goes away. Default false.
+    #[serde(default)]
+    follow: bool,
+}
+
+/// Streams an app's logs
+///
+/// The logs of every placed instance of the app, on whatever node, merged
+/// as lines arrive, each prefixed with `[instance-id] `. The controller
+/// asks each instance's agent on its node's stream; an agent that is not
+/// connected, or does not answer within 10 s, gives one `keel: ...` line
+/// instead. Without `follow` the response ends when every instance's log
+/// has been sent.
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{project}/apps/{app}/logs",
+    tag = "apps",
+    security(("admin_token" = [])),
+    params(AppPath, LogsQuery),
+    responses(
+        (status = 200, description = "Log lines, `[instance-id] line`.", body = String, content_type = "text/plain"),
+        (status = 400, description = "A name is not a DNS label, or a bad query parameter.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "There is no such app.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn app_logs(
+    State(state): State<ApiState>,
+    Path(AppPath { project, app }): Path<AppPath>,
+    raw: Result<Query<LogsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let query = query(raw)?;
+    state.apps.app(&project, &app).await?;
+    let (parts, requests) = state
+        .agents
+        .request_logs(&project, &app, query.tail, query.follow)
+        .await?;
+    let streams = parts.into_iter().map(|part| {
+        let prefix = format!("[{}] ", part.instance.id);
+        // Each part's bytes into whole lines, each with its prefix; a last
+        // line without its newline is sent when the part ends.
+        let chunks = tokio_stream::wrappers::ReceiverStream::new(part.bytes)
+            .map(Some)
+            .chain(futures::stream::once(async { None }));
+        let mut partial: Vec<u8> = Vec::new();
+        chunks
+            .map(move |chunk| {
+                let mut out = Vec::new();
+                match chunk {
+                    Some(chunk) => {
+                        partial.extend_from_slice(&chunk);
+                        while let Some(at) = partial.iter().position(|&b| b == b'\n') {
+                            let line: Vec<u8> = partial.drain(..=at).collect();
+                            out.extend_from_slice(prefix.as_bytes());
+                            out.extend_from_slice(&line);
+                        }
+                    }
+                    None if !partial.is_empty() => {
+                        out.extend_from_slice(prefix.as_bytes());
+                        out.append(&mut partial);
+                        out.push(b'\n');
+                    }
+                    None => {}
+                }
+                Bytes::from(out)
+            })
+            .filter(|bytes| futures::future::ready(!bytes.is_empty()))
+            .boxed()
+    });
+    let mut stopping = state.stopping.clone();
+    let stopped = async move {
+        let _ = stopping.wait_for(|stopping| *stopping).await;
+    };
+    let merged = futures::stream::select_all(streams)
+        .take_until(stopped)
+        .map(move |bytes| {
+            // The requests live as long as the response: when the client
+            // goes, they are withdrawn and their agents stop sending.
+            let _ = &requests;
+            Ok::<_, std::convert::Infallible>(bytes)
+        });
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        axum::body::Body::from_stream(merged),
+    )
+        .into_response())
+}
+
+/// How much of a log answer was passed on.
+#[derive(Serialize, ToSchema)]
+struct LogAnswered {
+    /// Bytes passed on to the client.
+    forwarded_bytes: u64,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct LogAnswerPath {
+    /// The node's name.
+    node: String,
+    /// The request id from the node's `logs` stream message.
+    request: String,
+}
+
+/// Answers a log request
+///
+/// An agent's answer to a `logs` message of its stream: the instance's
+/// log as a streamed plain-text body, passed on to the client that asked
+/// as it arrives. The controller ends it (answers before the body is
+/// complete) when that client goes away. Takes the node's own credential
+/// (or the admin token).
+#[utoipa::path(
+    post,
+    path = "/v1/nodes/{node}/logs/{request}",
+    tag = "nodes",
+    security(("node_credential" = []), ("admin_token" = [])),
+    params(LogAnswerPath),
+    request_body(content = String, content_type = "text/plain"),
+    responses(
+        (status = 200, description = "The answer ended: its body is complete, or its client went away.", body = LogAnswered),
+        (status = 400, description = "The name is not a DNS label.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "No such request is waiting for this node (answered, withdrawn, or never made).", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn answer_logs(
+    State(state): State<ApiState>,
+    Path(LogAnswerPath { node, request }): Path<LogAnswerPath>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    authorize_node(&state, &node, &headers).await?;
+    let sink = state
+        .agents
+        .log_answer(&node, &request)
+        .ok_or_else(|| ApiError::NotFound(format!("log request {request}")))?;
+    let mut chunks = body.into_data_stream();
+    let mut forwarded_bytes = 0u64;
+    let mut stopping = state.stopping.clone();
+    loop {
+        let chunk = tokio::select! {
+            chunk = chunks.next() => chunk,
+            () = sink.closed() => break,
+            _ = stopping.wait_for(|stopping| *stopping) => break,
+        };
+        let Some(Ok(chunk)) = chunk else { break };
+        forwarded_bytes += chunk.len() as u64;
+        if sink.send(chunk).await.is_err() {
+            break;
+        }
+    }
+    Ok(Json(LogAnswered { forwarded_bytes }).into_response())
 }
 
 /// Shows the route table
