@@ -106,7 +106,11 @@ impl Routes {
             }
         }
         routes.sort_by(|a, b| (&a.host, &a.path).cmp(&(&b.host, &b.path)));
-        Ok(RouteTable { generation, routes })
+        Ok(RouteTable {
+            generation,
+            routes,
+            certificates: Vec::new(),
+        })
     }
 
     /// The table now, then again each time it changes, until the receiver

@@ -197,6 +197,31 @@ pub struct RouteEntry {
 pub struct RouteTable {
     pub generation: i64,
     pub routes: Vec<RouteEntry>,
+    /// Stored certificates for terminated routes, keys included: only
+    /// routers receive them. A terminated host without one is served a
+    /// self-signed certificate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<RouteCertificate>,
+}
+
+/// A certificate chain and its private key for one host name (or a
+/// `*.` wildcard), PEM encoded.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCertificate {
+    pub host: String,
+    /// The leaf certificate first, then its intermediates.
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+// By hand, so that a logged table never shows a private key.
+impl std::fmt::Debug for RouteCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteCertificate")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a node offers.

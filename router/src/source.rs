@@ -1,0 +1,153 @@
+//! Where tables come from: a file read once, or the controller's stream.
+//! The stream is followed for as long as the router runs, reconnecting
+//! with backoff; while the controller is away the last table keeps
+//! serving, because a control plane outage must not become a data plane
+//! outage.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_protocol::RouteTable;
+use tokio::sync::watch;
+
+use crate::RouterError;
+use crate::config::ControllerSource;
+use crate::proxy::Shared;
+
+/// Reads and parses a `RouteTable` JSON file (strictly: unknown fields are
+/// errors).
+pub(crate) fn read_file(path: &Path) -> Result<RouteTable, RouterError> {
+    let text = std::fs::read(path).map_err(|source| RouterError::TableFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_slice(&text).map_err(|source| RouterError::TableJson {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Why one connection to the controller's stream ended.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("the request to {url} failed")]
+    Request {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("the controller answered {status}: {body}")]
+    Status {
+        status: reqwest::StatusCode,
+        body: String,
+    },
+    #[error("nothing heard from the controller for {0:?}")]
+    Silent(Duration),
+    #[error("the controller sent a line that is not a route table")]
+    Json(#[source] serde_json::Error),
+    #[error("the controller closed the stream")]
+    Ended,
+}
+
+/// Follows the stream until `stop` turns true.
+pub(crate) async fn follow(
+    shared: Arc<Shared>,
+    source: ControllerSource,
+    mut stop: watch::Receiver<bool>,
+) {
+    let client = match reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+    {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::error!(%error, "cannot build an HTTP client for the controller stream");
+            return;
+        }
+    };
+    let max = Duration::from_millis(source.reconnect_max_ms.max(100));
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let result = tokio::select! {
+            result = stream_once(&client, &source, &shared, &mut backoff) => result,
+            () = crate::stopped(&mut stop) => return,
+        };
+        if let Err(error) = result {
+            tracing::warn!(
+                error = %error,
+                source = ?std::error::Error::source(&error),
+                retry_in_ms = backoff.as_millis() as u64,
+                generation = shared.table.load().generation,
+                "route stream lost; serving the last table"
+            );
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = crate::stopped(&mut stop) => return,
+        }
+        backoff = (backoff * 2).min(max);
+    }
+}
+
+async fn stream_once(
+    client: &reqwest::Client,
+    source: &ControllerSource,
+    shared: &Shared,
+    backoff: &mut Duration,
+) -> Result<(), StreamError> {
+    let url = format!(
+        "{}/v1/routes/watch?node={}",
+        source.url.trim_end_matches('/'),
+        source.node
+    );
+    let mut response = client
+        .get(&url)
+        .bearer_auth(&source.token)
+        .send()
+        .await
+        .map_err(|source| StreamError::Request {
+            url: url.clone(),
+            source,
+        })?;
+    let status = response.status();
+    if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
+        return Err(StreamError::Status {
+            status,
+            body: body.trim().to_owned(),
+        });
+    }
+    let silence = Duration::from_millis(source.silence_timeout_ms);
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let chunk = tokio::time::timeout(silence, response.chunk())
+            .await
+            .map_err(|_| StreamError::Silent(silence))?
+            .map_err(|source| StreamError::Request {
+                url: url.clone(),
+                source,
+            })?;
+        let Some(chunk) = chunk else {
+            return Err(StreamError::Ended);
+        };
+        buf.extend_from_slice(&chunk);
+        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            let line = line.trim_ascii();
+            if line.is_empty() {
+                continue; // keepalive
+            }
+            let table: RouteTable = serde_json::from_slice(line).map_err(StreamError::Json)?;
+            tracing::info!(
+                generation = table.generation,
+                routes = table.routes.len(),
+                "route table received"
+            );
+            shared.swap(&table);
+            // Healthy again: the next loss retries after 100 ms (the
+            // backoff doubles once before the retry).
+            *backoff = Duration::from_millis(50);
+        }
+    }
+}

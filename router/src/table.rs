@@ -1,0 +1,426 @@
+//! The route table as the data plane uses it: compiled from the wire
+//! `RouteTable` into maps by host, with per-instance state (connection
+//! pool, requests in flight, passive health) and per-route metrics that
+//! survive table swaps, so that a swap never costs a warm connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use keel_protocol::{RouteCertificate, RouteTable, RouteTls};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+
+use crate::config::Balance;
+use crate::metrics::RouteMetrics;
+use crate::pool::Pool;
+
+/// One instance a route can send to.
+#[derive(Debug)]
+pub(crate) struct Backend {
+    /// `address:port` as published.
+    pub addr: String,
+    /// Parsed once; `None` when the address is a name, resolved per connect.
+    pub socket: Option<SocketAddr>,
+    pub outstanding: AtomicUsize,
+    /// Milliseconds since the router started before which this instance is
+    /// skipped (it refused a connection).
+    pub down_until_ms: AtomicU64,
+    pub pool: Pool,
+}
+
+/// One route with the instances it may go to now.
+#[derive(Debug)]
+pub(crate) struct Route {
+    /// `host/path` as the access log and metrics name the route.
+    pub label: String,
+    pub path: String,
+    pub tls: RouteTls,
+    pub tcp: bool,
+    pub backends: Vec<Arc<Backend>>,
+    next: AtomicUsize,
+    pub metrics: Arc<RouteMetrics>,
+}
+
+impl Route {
+    /// The instance a request goes to: in turn, or the one with fewest
+    /// requests in flight, skipping instances marked down and `exclude`
+    /// (the one that just failed). When every instance is down one is
+    /// tried anyway: a refused connection answers faster than a 503 would
+    /// help, and that is how a recovered instance is noticed.
+    pub fn pick(
+        &self,
+        balance: Balance,
+        now_ms: u64,
+        exclude: Option<&Arc<Backend>>,
+    ) -> Option<&Arc<Backend>> {
+        let n = self.backends.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let usable = |b: &Arc<Backend>| exclude.is_none_or(|e| !Arc::ptr_eq(e, b));
+        let mut best: Option<&Arc<Backend>> = None;
+        let mut best_load = usize::MAX;
+        for i in 0..n {
+            let backend = &self.backends[(start + i) % n];
+            if !usable(backend) || backend.down_until_ms.load(Ordering::Relaxed) > now_ms {
+                continue;
+            }
+            match balance {
+                Balance::RoundRobin => return Some(backend),
+                Balance::LeastOutstanding => {
+                    let load = backend.outstanding.load(Ordering::Relaxed);
+                    if load < best_load {
+                        best = Some(backend);
+                        best_load = load;
+                        if load == 0 {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        best.or_else(|| (0..n).map(|i| &self.backends[(start + i) % n]).find(|b| usable(b)))
+    }
+}
+
+/// The routes of one host, longest path first.
+#[derive(Debug, Default)]
+pub(crate) struct HostRoutes {
+    routes: Vec<Arc<Route>>,
+}
+
+impl HostRoutes {
+    /// Longest prefix, matched per segment: `/api` matches `/api` and
+    /// `/api/x`, never `/apix`.
+    fn find(&self, path: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| {
+            let prefix = r.path.as_str();
+            prefix == "/"
+                || (path.starts_with(prefix)
+                    && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/' | b'?')))
+        })
+    }
+
+    /// The route that decides a TLS connection by SNI (before any path is
+    /// known): the host's root, else its shortest path.
+    fn for_sni(&self) -> Option<&Arc<Route>> {
+        self.routes.last()
+    }
+}
+
+/// The compiled table.
+#[derive(Debug, Default)]
+pub(crate) struct Table {
+    /// `None` until a first table arrived: until then the router answers
+    /// 503, not 404, because it does not know yet.
+    pub generation: Option<i64>,
+    exact: HashMap<String, HostRoutes>,
+    /// `*.example.com` is stored under `example.com`.
+    wildcard: HashMap<String, HostRoutes>,
+    certs: HashMap<String, Arc<CertifiedKey>>,
+    pub routes: Vec<Arc<Route>>,
+}
+
+impl Table {
+    fn host_routes(&self, host: &str) -> Option<&HostRoutes> {
+        if let Some(routes) = self.exact.get(host) {
+            return Some(routes);
+        }
+        let (_, parent) = host.split_once('.')?;
+        self.wildcard.get(parent)
+    }
+
+    /// The route for a request, by host (exact, then `*.` one label deep)
+    /// and longest path prefix. `host` must be lower case without port.
+    pub fn find(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
+        self.host_routes(host)?.find(path)
+    }
+
+    pub fn has_host(&self, host: &str) -> bool {
+        self.host_routes(host).is_some()
+    }
+
+    pub fn for_sni(&self, host: &str) -> Option<&Arc<Route>> {
+        self.host_routes(host)?.for_sni()
+    }
+
+    /// A stored certificate for `host`: exact, then wildcard.
+    pub fn cert(&self, host: &str) -> Option<&Arc<CertifiedKey>> {
+        if let Some(cert) = self.certs.get(host) {
+            return Some(cert);
+        }
+        let (_, parent) = host.split_once('.')?;
+        self.certs.get(&format!("*.{parent}"))
+    }
+}
+
+/// What outlives a table: instances' pools and health, routes' metrics.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    backends: Mutex<HashMap<String, Weak<Backend>>>,
+    metrics: Mutex<HashMap<String, Weak<RouteMetrics>>>,
+}
+
+/// `host` lower-cased and without a port; borrowed when it already is.
+pub(crate) fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
+    let host = match host.rfind(':') {
+        // An IPv6 literal keeps its colons; only a port after `]` goes.
+        Some(i) if !host[i..].contains(']') && (host.starts_with('[') || !host[..i].contains(':')) => {
+            &host[..i]
+        }
+        _ => host,
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
+}
+
+fn normalize_path(path: &str) -> String {
+    let trimmed = path.trim_end_matches('/');
+    if trimmed.is_empty() {
+        "/".to_owned()
+    } else if trimmed.starts_with('/') {
+        trimmed.to_owned()
+    } else {
+        format!("/{trimmed}")
+    }
+}
+
+impl Registry {
+    fn backend(&self, addr: &str, max_idle: usize) -> Arc<Backend> {
+        let mut backends = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(backend) = backends.get(addr).and_then(Weak::upgrade) {
+            return backend;
+        }
+        let backend = Arc::new(Backend {
+            addr: addr.to_owned(),
+            socket: addr.parse().ok(),
+            outstanding: AtomicUsize::new(0),
+            down_until_ms: AtomicU64::new(0),
+            pool: Pool::new(max_idle),
+        });
+        backends.insert(addr.to_owned(), Arc::downgrade(&backend));
+        backend
+    }
+
+    fn metrics(&self, label: &str) -> Arc<RouteMetrics> {
+        let mut metrics = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = metrics.get(label).and_then(Weak::upgrade) {
+            return m;
+        }
+        let m = Arc::new(RouteMetrics::default());
+        metrics.insert(label.to_owned(), Arc::downgrade(&m));
+        m
+    }
+
+    /// Forgets what no table refers to any more.
+    fn sweep(&self) {
+        self.backends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, b| b.strong_count() > 0);
+        self.metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, m| m.strong_count() > 0);
+    }
+
+    /// Compiles a wire table. Bad certificates are skipped with a warning
+    /// (their hosts get a self-signed one): one bad entry must not stop
+    /// the others from being served.
+    pub fn compile(&self, wire: &RouteTable, max_idle: usize) -> Table {
+        let mut table = Table {
+            generation: Some(wire.generation),
+            ..Table::default()
+        };
+        for entry in &wire.routes {
+            let host = normalize_host(&entry.host).into_owned();
+            let path = normalize_path(&entry.path);
+            let label = format!("{host}{path}");
+            let route = Arc::new(Route {
+                metrics: self.metrics(&label),
+                label,
+                path,
+                tls: entry.tls,
+                tcp: entry.protocol == "tcp",
+                backends: entry
+                    .backends
+                    .iter()
+                    .map(|addr| self.backend(addr, max_idle))
+                    .collect(),
+                next: AtomicUsize::new(0),
+            });
+            let map = match host.strip_prefix("*.") {
+                Some(parent) => table.wildcard.entry(parent.to_owned()).or_default(),
+                None => table.exact.entry(host).or_default(),
+            };
+            map.routes.push(route.clone());
+            table.routes.push(route);
+        }
+        for map in table.exact.values_mut().chain(table.wildcard.values_mut()) {
+            map.routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+        }
+        for cert in &wire.certificates {
+            match certified_key(cert) {
+                Ok(key) => {
+                    table
+                        .certs
+                        .insert(normalize_host(&cert.host).into_owned(), Arc::new(key));
+                }
+                Err(error) => {
+                    tracing::warn!(host = %cert.host, %error, "skipping a stored certificate");
+                }
+            }
+        }
+        self.sweep();
+        table
+    }
+}
+
+/// Why a stored certificate cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("cert_pem holds no certificate")]
+    NoCertificate,
+    #[error("cert_pem is not PEM")]
+    CertPem(#[source] rustls::pki_types::pem::Error),
+    #[error("key_pem holds no usable private key")]
+    KeyPem(#[source] rustls::pki_types::pem::Error),
+    #[error("key_pem: unsupported key type")]
+    KeyType(#[source] rustls::Error),
+    #[error("key_pem does not match the certificate")]
+    Mismatch(#[source] rustls::Error),
+}
+
+/// Parses a PEM chain and key into what rustls serves, checking that the
+/// key belongs to the leaf.
+pub fn certified_key(cert: &RouteCertificate) -> Result<CertifiedKey, CertError> {
+    let chain = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(CertError::CertPem)?;
+    if chain.is_empty() {
+        return Err(CertError::NoCertificate);
+    }
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).map_err(CertError::KeyPem)?;
+    let provider = rustls::crypto::ring::default_provider();
+    let key = CertifiedKey::from_der(chain, key, &provider).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => CertError::Mismatch(e),
+        other => CertError::KeyType(other),
+    })?;
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_protocol::RouteEntry;
+
+    fn entry(host: &str, path: &str, backends: &[&str]) -> RouteEntry {
+        RouteEntry {
+            host: host.into(),
+            path: path.into(),
+            tls: RouteTls::Off,
+            project: "p".into(),
+            app: "a".into(),
+            port: "http".into(),
+            protocol: "http".into(),
+            backends: backends.iter().map(|b| (*b).to_owned()).collect(),
+        }
+    }
+
+    fn table(routes: Vec<RouteEntry>) -> Table {
+        Registry::default().compile(
+            &RouteTable {
+                generation: 1,
+                routes,
+                certificates: vec![],
+            },
+            8,
+        )
+    }
+
+    #[test]
+    fn host_exact_then_one_label_wildcard() {
+        let t = table(vec![
+            entry("a.example.com", "/", &[]),
+            entry("*.example.com", "/", &[]),
+        ]);
+        assert_eq!(t.find("a.example.com", "/").map(|r| r.label.as_str()), Some("a.example.com/"));
+        assert_eq!(t.find("b.example.com", "/x").map(|r| r.label.as_str()), Some("*.example.com/"));
+        assert!(t.find("x.b.example.com", "/").is_none());
+        assert!(t.find("example.com", "/").is_none());
+    }
+
+    #[test]
+    fn longest_prefix_per_segment() {
+        let t = table(vec![
+            entry("h", "/", &[]),
+            entry("h", "/api/", &[]),
+            entry("h", "/api/v2", &[]),
+        ]);
+        let label = |p: &str| t.find("h", p).map(|r| r.label.clone());
+        assert_eq!(label("/api/v2/x").as_deref(), Some("h/api/v2"));
+        assert_eq!(label("/api/v2").as_deref(), Some("h/api/v2"));
+        assert_eq!(label("/api/v20").as_deref(), Some("h/api"));
+        assert_eq!(label("/apix").as_deref(), Some("h/"));
+        assert_eq!(label("/api?q=1").as_deref(), Some("h/api"));
+    }
+
+    #[test]
+    fn hosts_are_normalized() {
+        assert_eq!(normalize_host("Example.COM:8080"), "example.com");
+        assert_eq!(normalize_host("example.com."), "example.com");
+        assert_eq!(normalize_host("[::1]:80"), "[::1]");
+        assert_eq!(normalize_host("::1"), "::1");
+    }
+
+    #[test]
+    fn least_outstanding_prefers_the_idle_and_skips_the_down() {
+        let t = table(vec![entry("h", "/", &["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"])]);
+        let route = t.find("h", "/").expect("route");
+        route.backends[0].outstanding.store(5, Ordering::Relaxed);
+        route.backends[1].down_until_ms.store(1_000, Ordering::Relaxed);
+        for _ in 0..5 {
+            let b = route.pick(Balance::LeastOutstanding, 10, None).expect("backend");
+            assert_eq!(b.addr, "127.0.0.1:3");
+        }
+        // Once the down mark expires, the idle ones share.
+        let picks: std::collections::BTreeSet<_> = (0..4)
+            .filter_map(|_| route.pick(Balance::LeastOutstanding, 2_000, None))
+            .map(|b| b.addr.clone())
+            .collect();
+        assert_eq!(picks.len(), 2);
+        // Round robin visits all.
+        let picks: std::collections::BTreeSet<_> = (0..3)
+            .filter_map(|_| route.pick(Balance::RoundRobin, 2_000, None))
+            .map(|b| b.addr.clone())
+            .collect();
+        assert_eq!(picks.len(), 3);
+    }
+
+    #[test]
+    fn backends_survive_a_swap() {
+        let registry = Registry::default();
+        let wire = |backends: &[&str]| RouteTable {
+            generation: 1,
+            routes: vec![entry("h", "/", backends)],
+            certificates: vec![],
+        };
+        let first = registry.compile(&wire(&["127.0.0.1:1"]), 8);
+        let second = registry.compile(&wire(&["127.0.0.1:1", "127.0.0.1:2"]), 8);
+        let a = &first.find("h", "/").expect("route").backends[0];
+        let b = &second.find("h", "/").expect("route").backends[0];
+        assert!(Arc::ptr_eq(a, b));
+        assert!(Arc::ptr_eq(
+            &first.routes[0].metrics,
+            &second.routes[0].metrics
+        ));
+    }
+}
