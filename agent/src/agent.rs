@@ -900,7 +900,7 @@ impl Agent {
         let tasks = vec![
             tokio::spawn(shared.clone().heartbeats()),
             tokio::spawn(shared.clone().stream()),
-            tokio::spawn(shared.reporter()),
+            tokio::spawn(shared.clone().reporter()),
             tokio::spawn(reconciler.run()),
         ];
         Ok(AgentHandle {
@@ -908,6 +908,7 @@ impl Agent {
             stop,
             status: status_rx,
             tasks,
+            shared,
         })
     }
 }
@@ -919,11 +920,20 @@ pub struct AgentHandle {
     stop: watch::Sender<bool>,
     status: watch::Receiver<AgentStatus>,
     tasks: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
 }
 
 impl AgentHandle {
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The node's credential, once registered: a router on the same node
+    /// (`keel agent --roles router`) reads the route table with it. It
+    /// changes only if the controller forgot the node and it registered
+    /// again.
+    pub async fn credential(&self) -> Option<String> {
+        self.shared.credential.lock().await.clone()
     }
 
     /// What the agent is doing now.

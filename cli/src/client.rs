@@ -668,8 +668,8 @@ pub async fn ps(session: &Session, app: Option<&str>, project: Option<&str>) -> 
     Ok(())
 }
 
-/// Changes only the instance count: the current revision's manifest with
-/// a new `instances`, applied only if nobody changed the app meanwhile.
+/// Changes only the instance count (a new revision; running instances
+/// stay).
 pub async fn scale(
     session: &Session,
     name: &str,
@@ -678,39 +678,55 @@ pub async fn scale(
 ) -> anyhow::Result<()> {
     let api = &session.api;
     let (project, app) = resolve_app(api, name, project).await?;
-    for _attempt in 0..3 {
-        let view: Value = api.get(&app_path(&project, &app)).await?;
-        let mut manifest = view["revision"]["manifest"].clone();
-        let Some(object) = manifest.as_object_mut() else {
-            bail!("the API returned no manifest for {project}/{app}");
-        };
-        if object.remove("global").is_some() {
-            bail!(
-                "{project}/{app} is global (one instance per matching node): it cannot be scaled"
-            );
-        }
-        object.insert("instances".into(), json!(count));
-        let current = view["app"]["revision"].as_u64().unwrap_or(0);
-        let path = format!("/v1/apps?expected_revision={current}");
-        match api.post::<Value>(&path, &manifest).await {
-            Ok(applied) => {
-                let revision = applied["revision"]["revision"].as_u64().unwrap_or(current);
-                output::print(session.format, &applied, |_| {
-                    Table::message(if applied["changed"] == true {
-                        format!("{project}/{app} scaled to {count} (revision {revision})")
-                    } else {
-                        format!("{project}/{app} already has {count} instances")
-                    })
-                });
-                return Ok(());
-            }
-            Err(ApiError::Api { status, .. }) if status == reqwest::StatusCode::CONFLICT => {
-                continue;
-            }
-            Err(error) => return Err(error.into()),
-        }
+    let applied: Value = api
+        .post(
+            &format!("{}/scale", app_path(&project, &app)),
+            &json!({ "instances": count }),
+        )
+        .await?;
+    let revision = applied["revision"]["revision"].clone();
+    output::print(session.format, &applied, |_| {
+        Table::message(if applied["changed"] == true {
+            format!("{project}/{app} scaled to {count} (revision {revision})")
+        } else {
+            format!("{project}/{app} already has {count} instances")
+        })
+    });
+    Ok(())
+}
+
+/// Replaces every instance under the app's update strategy (a new
+/// revision with the same manifest), so the app stays up.
+pub async fn restart(
+    session: &Session,
+    name: &str,
+    project: Option<&str>,
+    options: WaitOptions,
+) -> anyhow::Result<()> {
+    let api = &session.api;
+    let (project, app) = resolve_app(api, name, project).await?;
+    let since_ms = now_ms();
+    let applied: Value = api
+        .post(&format!("{}/restart", app_path(&project, &app)), &json!({}))
+        .await?;
+    let revision = applied["revision"]["revision"].as_u64().unwrap_or(0);
+    if session.format == Format::Table {
+        println!("{project}/{app}: restarting as revision {revision}");
     }
-    bail!("{project}/{app} kept changing while it was being scaled; try again")
+    if options.wait {
+        wait_for_rollout(session, &project, &app, revision, since_ms, options.timeout).await?;
+    }
+    if session.format != Format::Table {
+        output::print(session.format, &applied, |_| Table::default());
+    }
+    Ok(())
+}
+
+/// Whether to follow a rollout, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitOptions {
+    pub wait: bool,
+    pub timeout: Duration,
 }
 
 pub async fn rollback(

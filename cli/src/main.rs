@@ -10,7 +10,9 @@
 mod api;
 mod client;
 mod config;
+mod node_config;
 mod output;
+mod roles;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,6 +51,22 @@ enum Command {
         after_help = "Examples:\n  keel server\n  keel server --listen 0.0.0.0:7070 --data-dir /var/lib/keel\n  keel server --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379"
     )]
     Server(ServerArgs),
+    /// The whole cloud on this machine: controller (embedded store), agent
+    /// and router in one process.
+    #[command(
+        after_help = "Examples:\n  keel up\n  keel up --data-dir /tmp/keel --http 127.0.0.1:9080 --https off\n\nWrites the CLI context `local`, so `keel` commands work at once. Starting again on\nthe same data directory brings every app back."
+    )]
+    Up(roles::UpCommand),
+    /// Run a node's agent: join the cluster and run its instances in Docker.
+    #[command(
+        after_help = "Examples:\n  keel agent --controller http://10.0.0.1:7070 --join-token \"$(cat join.token)\" --name node-2 --zone b\n  keel agent --config /etc/keel/agent.toml\n  keel agent --controller URL --join-token T --roles worker,router --advertise-addr 10.0.0.7"
+    )]
+    Agent(roles::AgentCommand),
+    /// Run a router on its own: HTTP/HTTPS/TCP ingress for the cluster.
+    #[command(
+        after_help = "Examples:\n  keel router --controller http://10.0.0.1:7070 --token T --node edge-1\n  keel router --routes-file table.json --http 127.0.0.1:8080 --https off"
+    )]
+    Router(roles::RouterCommand),
     /// Save a cluster's URL and token as a context and make it current.
     #[command(
         after_help = "Examples:\n  keel login http://127.0.0.1:7070 --token \"$(cat /var/lib/keel/admin.token)\"\n  keel login https://keel.example.com --token T --name prod"
@@ -117,6 +135,19 @@ enum Command {
         instances: u32,
         #[arg(short, long)]
         project: Option<String>,
+    },
+    /// Replace every instance, a few at a time, as an update would.
+    #[command(after_help = "Examples:\n  keel restart web\n  keel restart web --no-wait")]
+    Restart {
+        app: String,
+        #[arg(short, long)]
+        project: Option<String>,
+        /// Return once the revision is recorded.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to follow the rollout, e.g. 90s, 5m.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// Deploy an earlier revision's manifest again (default: the one before).
     #[command(after_help = "Examples:\n  keel rollback web\n  keel rollback web 3")]
@@ -254,7 +285,7 @@ struct ServerArgs {
 }
 
 /// `/var/lib/keel` for root (a service), `~/.local/share/keel` otherwise.
-fn default_data_dir() -> PathBuf {
+pub(crate) fn default_data_dir() -> PathBuf {
     let home = std::env::var_os("HOME").map(PathBuf::from);
     match home {
         Some(home) if home != std::path::Path::new("/root") => home.join(".local/share/keel"),
@@ -269,6 +300,7 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -293,6 +325,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let session = || Session::open(context, format);
     match cli.command {
         Command::Server(args) => server(args).await,
+        Command::Up(command) => roles::up(command).await,
+        Command::Agent(command) => roles::agent(command).await,
+        Command::Router(command) => roles::router(command).await,
         Command::Login { url, token, name } => client::login(&url, &token, name).await,
         Command::Context { action } => match action.unwrap_or(ContextAction::Ls) {
             ContextAction::Ls => client::contexts(format),
@@ -323,6 +358,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             instances,
             project,
         } => client::scale(&session()?, &app, project.as_deref(), instances).await,
+        Command::Restart {
+            app,
+            project,
+            no_wait,
+            timeout,
+        } => {
+            let options = client::WaitOptions {
+                wait: !no_wait,
+                timeout,
+            };
+            client::restart(&session()?, &app, project.as_deref(), options).await
+        }
         Command::Rollback {
             app,
             revision,

@@ -2,80 +2,13 @@
 //! a user sees, and that bad input is a clear message, a non-zero exit and
 //! an unchanged cluster.
 
-use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
 use keel_agent::eventually;
 use keel_agent::testing::{SimCluster, nodes_in_zones};
-use serde_json::Value;
 
-struct Cli {
-    config: tempfile::TempDir,
-}
-
-impl Cli {
-    fn new() -> Self {
-        Self {
-            config: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    /// Runs `keel ARGS` with its own config file and without the caller's
-    /// KEEL_* environment.
-    async fn run(&self, args: &[&str]) -> Output {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_keel"));
-        command
-            .args(args)
-            .env("KEEL_CONFIG", self.config.path().join("config.toml"))
-            .env_remove("KEEL_URL")
-            .env_remove("KEEL_TOKEN")
-            .env_remove("KEEL_CONTEXT")
-            .current_dir(self.config.path());
-        tokio::time::timeout(Duration::from_secs(60), command.output())
-            .await
-            .expect("keel finishes")
-            .expect("keel runs")
-    }
-
-    async fn ok(&self, args: &[&str]) -> String {
-        let output = self.run(args).await;
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(
-            output.status.success(),
-            "keel {args:?} failed: {}\n{stdout}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        stdout
-    }
-
-    /// Runs a command that must fail; its standard error.
-    async fn fails(&self, args: &[&str]) -> String {
-        let output = self.run(args).await;
-        assert!(
-            !output.status.success(),
-            "keel {args:?} should have failed: {}",
-            String::from_utf8_lossy(&output.stdout)
-        );
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    }
-
-    async fn json(&self, args: &[&str]) -> Value {
-        let mut all = args.to_vec();
-        all.extend(["-o", "json"]);
-        serde_json::from_str(&self.ok(&all).await).expect("json output")
-    }
-
-    fn write(&self, name: &str, text: &str) -> String {
-        let path = self.config.path().join(name);
-        std::fs::write(&path, text).expect("write manifest");
-        path_str(&path)
-    }
-}
-
-fn path_str(path: &Path) -> String {
-    path.to_str().expect("utf-8 path").to_owned()
-}
+mod common;
+use common::Cli;
 
 const WEB: &str = "name: web\nproject: shop\nimage: example/web:1\ninstances: 2\nports:\n  - name: http\n    port: 8080\nroutes:\n  - host: web.example.test\n";
 
@@ -163,7 +96,7 @@ async fn bad_input_is_a_clear_message_a_non_zero_exit_and_changes_nothing() {
     // A wrong token is refused at login, and nothing is saved.
     let error = cli.fails(&["login", &url, "--token", "wrong"]).await;
     assert!(error.contains("rejected the token"), "{error}");
-    assert!(!cli.config.path().join("config.toml").exists());
+    assert!(!cli.dir.path().join("config.toml").exists());
     // Nothing listens on the URL: say which.
     let error = cli
         .fails(&["login", "http://127.0.0.1:1", "--token", "x"])
@@ -220,7 +153,7 @@ async fn bad_input_is_a_clear_message_a_non_zero_exit_and_changes_nothing() {
     assert!(error.contains("example/unpullable:1"), "{error}");
 
     // A wrong token in the saved context.
-    let config_path = cli.config.path().join("config.toml");
+    let config_path = cli.dir.path().join("config.toml");
     let config = std::fs::read_to_string(&config_path).expect("config");
     let token = cluster.admin().token();
     std::fs::write(&config_path, config.replace(token, "stale")).expect("write");
