@@ -76,8 +76,16 @@ impl Drop for Cleanup {
                 }
             }
         }
-        for network in &self.networks {
-            let _ = docker(&["network", "rm", network]);
+        // By id: Docker allows several networks of one name, and `network
+        // rm NAME` refuses when it is ambiguous.
+        let listed =
+            docker(&["network", "ls", "--format", "{{.ID}} {{.Name}}"]).unwrap_or_default();
+        for line in listed.lines() {
+            if let Some((id, name)) = line.split_once(' ')
+                && self.networks.iter().any(|n| n == name)
+            {
+                let _ = docker(&["network", "rm", id]);
+            }
         }
     }
 }

@@ -217,7 +217,6 @@ struct Inner {
     /// no redirects followed (a 3xx passes).
     http: reqwest::Client,
     background: Mutex<Vec<JoinHandle<()>>>,
-    network_lock: tokio::sync::Mutex<()>,
 }
 
 impl Drop for Inner {
@@ -322,7 +321,6 @@ impl DockerRuntime {
             changed: Notify::new(),
             http,
             background: Mutex::default(),
-            network_lock: tokio::sync::Mutex::new(()),
         });
         let events = tokio::spawn(follow_events(Arc::downgrade(&inner)));
         let stats = tokio::spawn(sample_stats(Arc::downgrade(&inner)));
@@ -413,9 +411,11 @@ impl Inner {
     /// the network by id from then on.
     async fn ensure_network(&self, instance: &InstanceRef) -> Result<String, RuntimeError> {
         let name = DockerRuntime::network_name(&instance.project);
-        // One creation at a time in this agent; other agents are handled
-        // by settling on the lowest id.
-        let _creating = self.network_lock.lock().await;
+        // One creation at a time in this process (agents sharing an engine
+        // in one process, as tests run them, included); agents in other
+        // processes are handled by settling on the lowest id.
+        static CREATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _creating = CREATING.lock().await;
         if let Some(id) = self.canonical_network(instance, &name).await? {
             return Ok(id);
         }

@@ -69,7 +69,20 @@ impl Drop for Cleanup {
             docker(&args);
         }
         for project in &self.projects {
-            docker(&["network", "rm", &format!("keel-{project}")]);
+            remove_networks(&format!("keel-{project}"));
+        }
+    }
+}
+
+/// Removes every network of exactly this name, by id: Docker allows
+/// several of one name, and `network rm NAME` refuses when it is ambiguous.
+fn remove_networks(name: &str) {
+    let (_, listed) = docker(&["network", "ls", "--format", "{{.ID}} {{.Name}}"]);
+    for line in listed.lines() {
+        if let Some((id, found)) = line.split_once(' ')
+            && found == name
+        {
+            docker(&["network", "rm", id]);
         }
     }
 }
