@@ -1038,10 +1038,19 @@ async fn sample_stats(inner: Weak<Inner>) {
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        {
+        let fresh: HashMap<String, Sample> = samples
+            .into_iter()
+            .filter_map(|(n, s)| Some((n, s?)))
+            .collect();
+        let changed = {
             let mut kept = lock(&strong.samples);
-            kept.clear();
-            kept.extend(samples.into_iter().filter_map(|(n, s)| Some((n, s?))));
+            let changed = *kept != fresh;
+            *kept = fresh;
+            changed
+        };
+        if changed {
+            // New figures go out with the next report, not a resync later.
+            strong.changed.notify_one();
         }
         drop(strong);
         tokio::time::sleep(interval).await;
