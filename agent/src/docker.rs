@@ -348,6 +348,13 @@ impl DockerRuntime {
     }
 }
 
+/// Project networks are created and removed one at a time in this process
+/// (agents sharing an engine in one process, as tests run them, included).
+fn static_network_lock() -> &'static tokio::sync::Mutex<()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    &LOCK
+}
+
 fn container_name(node: &str, instance: &InstanceRef) -> String {
     format!(
         "keel-{node}-{}-{}-{}",
@@ -414,8 +421,7 @@ impl Inner {
         // One creation at a time in this process (agents sharing an engine
         // in one process, as tests run them, included); agents in other
         // processes are handled by settling on the lowest id.
-        static CREATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-        let _creating = CREATING.lock().await;
+        let _creating = static_network_lock().lock().await;
         if let Some(id) = self.canonical_network(instance, &name).await? {
             return Ok(id);
         }
@@ -571,7 +577,16 @@ impl Inner {
                     self.set_pending(instance, spec.revision, Some(InstanceState::Starting));
                     let started = self.docker.start_container(&name, None).await;
                     self.set_pending(instance, spec.revision, None);
-                    started.map_err(|e| self.start_error(instance, e))?;
+                    if let Err(error) = started {
+                        // Whatever it was (its network removed, say), the
+                        // next attempt creates it afresh.
+                        let options = RemoveContainerOptions {
+                            force: true,
+                            ..Default::default()
+                        };
+                        let _ = self.docker.remove_container(&name, Some(options)).await;
+                        return Err(self.start_error(instance, error));
+                    }
                     self.spawn_prober(&name, &labels);
                     return Ok(());
                 }
@@ -678,7 +693,46 @@ impl Inner {
                 Err(error) => return Err(stop_error(error)),
             }
         }
+        self.collect_network(&instance.project).await;
         Ok(())
+    }
+
+    /// Removes the project's network once no Keel container of the project
+    /// is left on the engine (of any node sharing it): Docker's default
+    /// address pools hold about 30 bridge networks, so networks of
+    /// projects gone from a node must not pile up. Best effort: a start
+    /// racing with this fails once and is retried, and creates it again.
+    async fn collect_network(&self, project: &str) {
+        let _removing = static_network_lock().lock().await;
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([(
+                "label".to_owned(),
+                vec![format!("{LABEL_PROJECT}={project}")],
+            )])),
+            ..Default::default()
+        };
+        match self.docker.list_containers(Some(options)).await {
+            Ok(left) if left.is_empty() => {}
+            _ => return,
+        }
+        let name = DockerRuntime::network_name(project);
+        let options = ListNetworksOptions {
+            filters: Some(HashMap::from([("name".to_owned(), vec![name.clone()])])),
+        };
+        for network in self
+            .docker
+            .list_networks(Some(options))
+            .await
+            .unwrap_or_default()
+        {
+            if network.name.as_deref() == Some(name.as_str())
+                && let Some(id) = network.id
+                && let Err(error) = self.docker.remove_network(&id).await
+            {
+                tracing::debug!(network = %name, error = %error, "project network not removed");
+            }
+        }
     }
 
     /// Starts probing a running container, if it has a health check and no

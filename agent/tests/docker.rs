@@ -248,6 +248,23 @@ async fn an_instance_runs_with_its_env_limits_and_labels_and_answers_on_its_publ
             _ => Err(format!("no stats yet: {instance:?}")),
         }
     });
+
+    // Scaled to nothing: the container goes, and with the project's last
+    // container, its network.
+    cluster.admin().scale(&project, "web", 0).await.unwrap();
+    eventually!(CONVERGE, {
+        let (_, containers) =
+            docker(&["ps", "-aq", "--filter", &format!("label=keel.node={node}")]);
+        let (_, networks) = docker(&["network", "ls", "--format", "{{.Name}}"]);
+        let network = format!("keel-{project}");
+        if containers.is_empty() && !networks.lines().any(|n| n == network) {
+            Ok(())
+        } else {
+            Err(format!(
+                "left: containers {containers:?}, networks {networks:?}"
+            ))
+        }
+    });
     cluster.shutdown().await.unwrap();
 }
 
