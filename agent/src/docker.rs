@@ -1397,6 +1397,66 @@ mod tests {
     }
 
     #[test]
+    fn cpu_is_the_share_of_the_machine_since_the_previous_sample_and_memory_excludes_cache() {
+        let cpu = |total, system| bollard::models::ContainerCpuStats {
+            cpu_usage: Some(bollard::models::ContainerCpuUsage {
+                total_usage: Some(total),
+                ..Default::default()
+            }),
+            system_cpu_usage: Some(system),
+            online_cpus: Some(4),
+            ..Default::default()
+        };
+        let stats = bollard::models::ContainerStatsResponse {
+            // A quarter of all 4 cores' time since the last sample: 1 core.
+            cpu_stats: Some(cpu(3_000, 10_000)),
+            precpu_stats: Some(cpu(1_000, 2_000)),
+            memory_stats: Some(bollard::models::ContainerMemoryStats {
+                usage: Some(50 << 20),
+                stats: Some(HashMap::from([("inactive_file".to_owned(), 10 << 20)])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            stats_sample(&stats),
+            Some(Sample {
+                cpu_millis: 1_000,
+                memory_bytes: 40 << 20
+            })
+        );
+    }
+
+    #[test]
+    fn a_probe_keeps_container_port_numbers_in_its_label() {
+        let manifest = keel_manifest::parse_yaml(
+            "name: web\nproject: shop\nimage: web:1\nports:\n  - name: admin\n    port: 9090\n  - name: http\n    port: 8080\nhealth:\n  http:\n    port: http\n    path: /ready\n  interval: 3s\n",
+        )
+        .map_err(|e| e.to_string());
+        let spec = InstanceSpec {
+            instance: InstanceRef {
+                project: "shop".into(),
+                app: "web".into(),
+                id: "1-ab".into(),
+            },
+            revision: 1,
+            manifest: manifest.unwrap_or_else(|e| panic!("{e}")),
+        };
+        let probe = ProbeSpec::from_manifest(&spec);
+        assert_eq!(
+            probe.map(|p| (p.kind, p.interval_ms, p.unhealthy_threshold)),
+            Some((
+                ProbeKind::Http {
+                    port: 8080,
+                    path: "/ready".into()
+                },
+                3_000,
+                3
+            ))
+        );
+    }
+
+    #[test]
     fn exit_codes_come_from_the_status_text() {
         assert_eq!(exit_code_from_status("Exited (3) 2 seconds ago"), Some(3));
         assert_eq!(
