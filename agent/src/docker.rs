@@ -71,6 +71,8 @@ const LABEL_PROJECT: &str = "keel.project";
 const LABEL_APP: &str = "keel.app";
 const LABEL_INSTANCE: &str = "keel.instance";
 const LABEL_REVISION: &str = "keel.revision";
+/// [`InstanceSpec::container_version`] of the spec it was made from.
+const LABEL_SPEC: &str = "keel.spec";
 const LABEL_PORTS: &str = "keel.ports";
 const LABEL_HEALTH: &str = "keel.health";
 
@@ -207,7 +209,9 @@ struct Inner {
     config: DockerConfig,
     /// Instances being pulled or created: no container to list yet (or
     /// one not yet started).
-    pending: Mutex<BTreeMap<InstanceRef, (u64, InstanceState)>>,
+    /// Instances being pulled or created: revision, container version,
+    /// state.
+    pending: Mutex<BTreeMap<InstanceRef, (u64, String, InstanceState)>>,
     /// By container name.
     probers: Mutex<HashMap<String, Prober>>,
     /// By container name.
@@ -363,12 +367,15 @@ fn container_name(node: &str, instance: &InstanceRef) -> String {
 }
 
 impl Inner {
-    fn set_pending(&self, instance: &InstanceRef, revision: u64, state: Option<InstanceState>) {
+    fn set_pending(&self, spec: &InstanceSpec, state: Option<InstanceState>) {
         {
             let mut pending = lock(&self.pending);
             match state {
-                Some(state) => pending.insert(instance.clone(), (revision, state)),
-                None => pending.remove(instance),
+                Some(state) => pending.insert(
+                    spec.instance.clone(),
+                    (spec.revision, spec.container_version(), state),
+                ),
+                None => pending.remove(&spec.instance),
             };
         }
         self.changed.notify_one();
@@ -502,6 +509,7 @@ impl Inner {
             (LABEL_APP.to_owned(), instance.app.clone()),
             (LABEL_INSTANCE.to_owned(), instance.id.clone()),
             (LABEL_REVISION.to_owned(), spec.revision.to_string()),
+            (LABEL_SPEC.to_owned(), spec.container_version()),
             (
                 LABEL_PORTS.to_owned(),
                 serde_json::to_string(&ports).unwrap_or_default(),
@@ -562,7 +570,9 @@ impl Inner {
                     .as_ref()
                     .and_then(|c| c.labels.clone())
                     .unwrap_or_default();
-                let same_revision = labels.get(LABEL_REVISION) == Some(&spec.revision.to_string());
+                // A new revision that changes nothing the container sees
+                // (a scale) keeps it.
+                let same_revision = labels.get(LABEL_SPEC) == Some(&spec.container_version());
                 let running = existing
                     .state
                     .as_ref()
@@ -574,9 +584,9 @@ impl Inner {
                 if same_revision {
                     // Exited: the same container again (its log goes on).
                     lock(&self.probers).remove(&name);
-                    self.set_pending(instance, spec.revision, Some(InstanceState::Starting));
+                    self.set_pending(spec, Some(InstanceState::Starting));
                     let started = self.docker.start_container(&name, None).await;
-                    self.set_pending(instance, spec.revision, None);
+                    self.set_pending(spec, None);
                     if let Err(error) = started {
                         // Whatever it was (its network removed, say), the
                         // next attempt creates it afresh.
@@ -590,15 +600,15 @@ impl Inner {
                     self.spawn_prober(&name, &labels);
                     return Ok(());
                 }
-                // Another revision under this name: replaced.
+                // Another container version under this name: replaced.
                 self.remove(instance).await?;
             }
             Err(error) if is_not_found(&error) => {}
             Err(error) => return Err(self.start_error(instance, error)),
         }
-        self.set_pending(instance, spec.revision, Some(InstanceState::Pulling));
+        self.set_pending(spec, Some(InstanceState::Pulling));
         let created = self.create_and_start(spec, &name).await;
-        self.set_pending(instance, spec.revision, None);
+        self.set_pending(spec, None);
         created
     }
 
@@ -609,7 +619,7 @@ impl Inner {
     ) -> Result<(), RuntimeError> {
         let instance = &spec.instance;
         self.ensure_image(&spec.manifest.image).await?;
-        self.set_pending(instance, spec.revision, Some(InstanceState::Starting));
+        self.set_pending(spec, Some(InstanceState::Starting));
         let network = self.ensure_network(instance).await?;
         let body = self.create_body(spec, &network);
         let labels = body.labels.clone().unwrap_or_default();
@@ -838,6 +848,7 @@ impl Inner {
         );
         let mut state = RuntimeState {
             revision,
+            spec_version: labels.get(LABEL_SPEC).cloned().unwrap_or_default(),
             state: InstanceState::Running,
             ready: false,
             exit_code: None,
@@ -924,13 +935,14 @@ impl Runtime for DockerRuntime {
             .iter()
             .filter_map(|c| self.inner.state_of(c))
             .collect();
-        for (instance, (revision, state)) in lock(&self.inner.pending).iter() {
+        for (instance, (revision, version, state)) in lock(&self.inner.pending).iter() {
             // Being pulled or created: the container, if any, is not
             // started yet.
             listed.insert(
                 instance.clone(),
                 RuntimeState {
                     revision: *revision,
+                    spec_version: version.clone(),
                     state: *state,
                     ready: false,
                     exit_code: None,

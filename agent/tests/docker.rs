@@ -456,6 +456,74 @@ async fn a_restarted_agent_adopts_its_containers_without_restarting_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_keeps_running_containers_and_a_changed_env_replaces_them() {
+    support::logs();
+    let image = image().await;
+    let (node, project) = (unique("n"), unique("p"));
+    let _cleanup = Cleanup {
+        nodes: vec![node.clone()],
+        projects: vec![project.clone()],
+        containers: vec![],
+    };
+    let (cluster, runtimes) = cluster(&[(&node, "a", "127.0.0.1")]).await;
+    cluster
+        .admin()
+        .apply(&app(&project, "web", &image, 2, ""))
+        .await
+        .unwrap();
+    let instances = up(&cluster, &project, "web", 2).await;
+    let mut before = Vec::new();
+    for instance in &instances {
+        let inspected = inspect(&runtimes[0], instance).await;
+        before.push((
+            instance.id.clone(),
+            inspected.id,
+            inspected.state.unwrap().started_at,
+        ));
+    }
+
+    // A scale is a new revision the containers never see: the two that
+    // run stay the same processes, and one more starts.
+    cluster.admin().scale(&project, "web", 3).await.unwrap();
+    let scaled = up(&cluster, &project, "web", 3).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (instance_id, container, started_at) in &before {
+        let instance = scaled
+            .iter()
+            .find(|i| &i.id == instance_id)
+            .expect("the instance is kept");
+        let inspected = inspect(&runtimes[0], instance).await;
+        assert_eq!(&inspected.id, container, "same container");
+        assert_eq!(
+            &inspected.state.unwrap().started_at,
+            started_at,
+            "not restarted"
+        );
+    }
+
+    // A changed env is a new container for every instance.
+    cluster
+        .admin()
+        .apply(&app(&project, "web", &image, 3, "env:\n  WAVE: two\n"))
+        .await
+        .unwrap();
+    eventually!(CONVERGE, {
+        let now = cluster.admin().instances(&project, "web").await.unwrap();
+        let kept = now
+            .iter()
+            .filter(|i| before.iter().any(|(id, _, _)| id == &i.id))
+            .count();
+        let ready = now.iter().filter(|i| i.is_up()).count();
+        if kept == 0 && ready == 3 {
+            Ok(())
+        } else {
+            Err(format!("{kept} old, {ready} up"))
+        }
+    });
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unassigned_keel_container_is_removed_and_others_are_untouched() {
     support::logs();
     let image = image().await;
