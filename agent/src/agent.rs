@@ -121,6 +121,12 @@ pub struct AgentConfig {
     pub request_timeout: Duration,
     /// Runtime operations (starts, stops) in flight at once. Default 16.
     pub max_concurrent_ops: usize,
+    /// How long a ready instance that is no longer desired keeps running
+    /// before it is stopped. It left the route table in the same store
+    /// revision that took it off this node, so routers stop sending it
+    /// new requests within milliseconds; this lets the ones in flight
+    /// finish (a rolling update or a scale-down drops none). Default 2 s.
+    pub stop_drain: Duration,
 }
 
 impl AgentConfig {
@@ -139,6 +145,7 @@ impl AgentConfig {
             retry: Backoff::default(),
             request_timeout: Duration::from_secs(10),
             max_concurrent_ops: 16,
+            stop_drain: Duration::from_secs(2),
         }
     }
 }
@@ -660,9 +667,23 @@ impl Reconciler {
         operation: Operation,
         spec: Option<Arc<InstanceSpec>>,
     ) {
+        self.spawn_after(instance, operation, spec, Duration::ZERO);
+    }
+
+    /// [`Reconciler::spawn`], the operation starting after `delay`.
+    fn spawn_after(
+        &mut self,
+        instance: InstanceRef,
+        operation: Operation,
+        spec: Option<Arc<InstanceSpec>>,
+        delay: Duration,
+    ) {
         self.in_flight.insert(instance.clone());
         let runtime = self.shared.runtime.clone();
         self.ops.spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let result = match (operation, spec) {
                 (Operation::Stop, _) | (_, None) => runtime.stop(&instance).await,
                 (Operation::Replace, Some(spec)) => match runtime.stop(&instance).await {
@@ -760,13 +781,19 @@ impl Reconciler {
                 budget -= 1;
                 self.spawn(instance.clone(), operation, Some(spec.clone()));
             }
-            for (instance, _) in &observed {
+            for (instance, state) in &observed {
                 if budget == 0 {
                     break;
                 }
                 if !desired.contains_key(instance) && !self.in_flight.contains(instance) {
                     budget -= 1;
-                    self.spawn(instance.clone(), Operation::Stop, None);
+                    // Only an instance that may be serving needs draining.
+                    let drain = if state.ready {
+                        self.shared.config.stop_drain
+                    } else {
+                        Duration::ZERO
+                    };
+                    self.spawn_after(instance.clone(), Operation::Stop, None, drain);
                 }
             }
         }

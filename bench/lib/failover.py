@@ -152,6 +152,10 @@ def main():
         leftover = containers(f"keel.project={tag}")
         if leftover:
             subprocess.run(["docker", "rm", "-f", *leftover], capture_output=True)
+        networks = subprocess.run(["docker", "network", "ls", "-q", "--filter", f"label=keel.project={tag}"],
+                                  capture_output=True, text=True).stdout.split()
+        if networks:
+            subprocess.run(["docker", "network", "rm", *networks], capture_output=True)
 
 
 main()
