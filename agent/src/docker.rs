@@ -112,6 +112,23 @@ impl DockerConfig {
     }
 }
 
+/// The engine refused a container because its network is gone (removed
+/// by another agent settling duplicates) or ambiguous (a duplicate not
+/// yet removed).
+fn network_vanished(error: &DockerError) -> bool {
+    match error {
+        DockerError::DockerResponseServerError {
+            status_code,
+            message,
+        } => {
+            (*status_code == 404 || *status_code == 400)
+                && message.contains("network")
+                && (message.contains("not found") || message.contains("ambiguous"))
+        }
+        _ => false,
+    }
+}
+
 /// Why the runtime could not reach the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -620,17 +637,37 @@ impl Inner {
         let instance = &spec.instance;
         self.ensure_image(&spec.manifest.image).await?;
         self.set_pending(spec, Some(InstanceState::Starting));
-        let network = self.ensure_network(instance).await?;
-        let body = self.create_body(spec, &network);
+        // Agents of one engine that create a project's network at once
+        // settle on one of the duplicates and remove the others, so the
+        // network found a moment ago can vanish: find it again then.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let network = self.ensure_network(instance).await?;
+            match self.create_on(spec, name, &network).await {
+                Err(error) if attempts < 3 && network_vanished(&error) => {
+                    tracing::debug!(instance = %display_ref(instance), %network, "project network vanished; finding it again");
+                }
+                Err(error) => return Err(self.start_error(instance, error)),
+                Ok(()) => return Ok(()),
+            }
+        }
+    }
+
+    /// Creates and starts the container on `network`.
+    async fn create_on(
+        self: &Arc<Self>,
+        spec: &InstanceSpec,
+        name: &str,
+        network: &str,
+    ) -> Result<(), DockerError> {
+        let body = self.create_body(spec, network);
         let labels = body.labels.clone().unwrap_or_default();
         let options = CreateContainerOptions {
             name: Some(name.to_owned()),
             ..Default::default()
         };
-        self.docker
-            .create_container(Some(options), body)
-            .await
-            .map_err(|e| self.start_error(instance, e))?;
+        self.docker.create_container(Some(options), body).await?;
         lock(&self.probers).remove(name);
         if let Err(error) = self.docker.start_container(name, None).await {
             // Not left behind as "created": the next attempt starts
@@ -640,7 +677,7 @@ impl Inner {
                 ..Default::default()
             };
             let _ = self.docker.remove_container(name, Some(options)).await;
-            return Err(self.start_error(instance, error));
+            return Err(error);
         }
         self.spawn_prober(name, &labels);
         Ok(())

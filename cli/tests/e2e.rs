@@ -58,6 +58,25 @@ impl Drop for Cleanup {
                 .args(&ids)
                 .output();
         }
+        // Removed behind the agents' backs, containers leave their
+        // project's network behind, and Docker has only ~30 address pools.
+        let networks = std::process::Command::new("docker")
+            .args(["network", "ls", "-q", "--filter"])
+            .arg(format!("label=keel.project={}", self.0))
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        if !networks.is_empty() {
+            let _ = std::process::Command::new("docker")
+                .args(["network", "rm"])
+                .args(&networks)
+                .output();
+        }
     }
 }
 
