@@ -166,3 +166,65 @@ async fn bad_input_is_a_clear_message_a_non_zero_exit_and_changes_nothing() {
     assert_eq!(before["app"], after["app"]);
     assert_eq!(before["revision"], after["revision"]);
 }
+
+#[tokio::test]
+async fn role_commands_refuse_wrong_flags_with_the_flag_named() {
+    let cli = Cli::new();
+    let cases: [(&[&str], &str); 6] = [
+        (&["agent", "--join-token", "t"], "--controller is required"),
+        (
+            &[
+                "agent",
+                "--controller",
+                "10.0.0.1:7070",
+                "--join-token",
+                "t",
+            ],
+            "must start with http://",
+        ),
+        (
+            &[
+                "agent",
+                "--controller",
+                "http://127.0.0.1:1",
+                "--join-token",
+                "t",
+                "--name",
+                "Bad_Name",
+            ],
+            "--name: \"Bad_Name\" is not a DNS label",
+        ),
+        (
+            &[
+                "agent",
+                "--controller",
+                "http://127.0.0.1:1",
+                "--join-token",
+                "t",
+                "--name",
+                "n",
+                "--roles",
+                "db",
+            ],
+            "unknown role \"db\"",
+        ),
+        (
+            &["up", "--http", "nowhere"],
+            "\"nowhere\" is not an address:port",
+        ),
+        (&["router"], "say where routes come from"),
+    ];
+    for (args, expected) in cases {
+        let error = cli.fails(args).await;
+        assert!(error.contains(expected), "keel {args:?}: {error}");
+    }
+    let config = cli.write(
+        "agent.toml",
+        "controller = \"http://127.0.0.1:1\"\njoin-token = \"t\"\n",
+    );
+    let error = cli.fails(&["agent", "--config", &config]).await;
+    assert!(
+        error.contains("agent.toml") && error.contains("join-token"),
+        "{error}"
+    );
+}
