@@ -210,6 +210,12 @@ impl Admin {
         &self.base
     }
 
+    /// The admin token, for clients of the API other than this one (a
+    /// router following the route stream, say).
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     /// Any call; the JSON answer on 2xx, an error with the body otherwise.
     pub async fn call(
         &self,
