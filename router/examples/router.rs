@@ -31,7 +31,8 @@ fn main() -> anyhow::Result<()> {
     while let Some(flag) = args.next() {
         let mut value = || args.next().with_context(|| format!("{flag} needs a value"));
         let addr = |v: String| -> anyhow::Result<SocketAddr> {
-            v.parse().with_context(|| format!("{v} is not an address:port"))
+            v.parse()
+                .with_context(|| format!("{v} is not an address:port"))
         };
         match flag.as_str() {
             "--table" => table = Some(value()?),
@@ -39,7 +40,9 @@ fn main() -> anyhow::Result<()> {
             "--https" => config.https_addr = Some(addr(value()?)?),
             "--metrics" => config.metrics_addr = Some(addr(value()?)?),
             "--workers" => config.worker_threads = value()?.parse().context("--workers")?,
-            other => bail!("unknown flag {other}; flags: --table --http --https --metrics --workers"),
+            other => {
+                bail!("unknown flag {other}; flags: --table --http --https --metrics --workers")
+            }
         }
     }
     let Some(table) = table else {

@@ -130,23 +130,23 @@ impl Router {
                 https: None,
             })
             .collect();
-        let mut bind_all = |addr: Option<SocketAddr>,
-                            slot: fn(&mut server::WorkerListeners)
-                                -> &mut Option<std::net::TcpListener>|
-         -> Result<Option<SocketAddr>, RouterError> {
-            let Some(mut addr) = addr else {
-                return Ok(None);
+        let mut bind_all =
+            |addr: Option<SocketAddr>,
+             slot: fn(&mut server::WorkerListeners) -> &mut Option<std::net::TcpListener>|
+             -> Result<Option<SocketAddr>, RouterError> {
+                let Some(mut addr) = addr else {
+                    return Ok(None);
+                };
+                for worker in per_worker.iter_mut() {
+                    let listener = server::bind(addr)?;
+                    // Port 0: every worker takes the port the first one got.
+                    addr = listener
+                        .local_addr()
+                        .map_err(|source| RouterError::Bind { addr, source })?;
+                    *slot(worker) = Some(listener);
+                }
+                Ok(Some(addr))
             };
-            for worker in per_worker.iter_mut() {
-                let listener = server::bind(addr)?;
-                // Port 0: every worker takes the port the first one got.
-                addr = listener
-                    .local_addr()
-                    .map_err(|source| RouterError::Bind { addr, source })?;
-                *slot(worker) = Some(listener);
-            }
-            Ok(Some(addr))
-        };
         let http = bind_all(config.http_addr, |w| &mut w.http)?;
         let https = bind_all(config.https_addr, |w| &mut w.https)?;
         let metrics_listener = match config.metrics_addr {

@@ -93,7 +93,9 @@ pub(crate) struct ConnInfo {
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<RespBody> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(body.as_bytes()))));
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
+        body.as_bytes(),
+    ))));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -109,13 +111,17 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Infallible> {
     let start = Instant::now();
-    let host = req
-        .uri()
-        .host()
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()));
+    let host = req.uri().host().or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    });
     let Some(host) = host else {
         shared.global.unrouted.fetch_add(1, Ordering::Relaxed);
-        return Ok(text(StatusCode::BAD_REQUEST, "keel router: the request names no host\n"));
+        return Ok(text(
+            StatusCode::BAD_REQUEST,
+            "keel router: the request names no host\n",
+        ));
     };
     let host = normalize_host(host);
     let found = {
@@ -127,7 +133,10 @@ pub(crate) async fn handle(
             ))
         } else {
             table.find(&host, req.uri().path()).cloned().ok_or_else(|| {
-                text(StatusCode::NOT_FOUND, "keel router: no route for this host\n")
+                text(
+                    StatusCode::NOT_FOUND,
+                    "keel router: no route for this host\n",
+                )
             })
         }
     };
@@ -336,10 +345,9 @@ async fn forward(
                     Ok(sender) => sender,
                     Err(error) => {
                         route.metrics.upstream_error();
-                        backend.down_until_ms.store(
-                            shared.now_ms() + limits.backend_down_ms,
-                            Ordering::Relaxed,
-                        );
+                        backend
+                            .down_until_ms
+                            .store(shared.now_ms() + limits.backend_down_ms, Ordering::Relaxed);
                         tracing::warn!(
                             route = %route.label,
                             upstream = %backend.addr,
@@ -381,7 +389,10 @@ async fn forward(
                 }
                 let (mut parts, body) = response.into_parts();
                 if parts.headers.contains_key(header::CONNECTION) {
-                    strip_hop_headers(&mut parts.headers, parts.status == StatusCode::SWITCHING_PROTOCOLS);
+                    strip_hop_headers(
+                        &mut parts.headers,
+                        parts.status == StatusCode::SWITCHING_PROTOCOLS,
+                    );
                 }
                 parts.headers.remove(&KEEP_ALIVE);
                 parts.headers.insert(&X_REQUEST_ID, request_id);

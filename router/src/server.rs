@@ -338,28 +338,30 @@ pub(crate) async fn serve_metrics(
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let shared = shared.clone();
-                async move {
-                    let (status, body) = if req.uri().path() == "/metrics" {
-                        let table = shared.table.load();
-                        (
-                            hyper::StatusCode::OK,
-                            crate::metrics::render(&shared.global, &table),
-                        )
-                    } else {
-                        (hyper::StatusCode::NOT_FOUND, "try /metrics\n".to_owned())
-                    };
-                    let mut response =
-                        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
-                    *response.status_mut() = status;
-                    response.headers_mut().insert(
-                        hyper::header::CONTENT_TYPE,
-                        HeaderValue::from_static("text/plain; version=0.0.4"),
-                    );
-                    Ok::<_, std::convert::Infallible>(response)
-                }
-            });
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let shared = shared.clone();
+                    async move {
+                        let (status, body) = if req.uri().path() == "/metrics" {
+                            let table = shared.table.load();
+                            (
+                                hyper::StatusCode::OK,
+                                crate::metrics::render(&shared.global, &table),
+                            )
+                        } else {
+                            (hyper::StatusCode::NOT_FOUND, "try /metrics\n".to_owned())
+                        };
+                        let mut response = hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(body),
+                        ));
+                        *response.status_mut() = status;
+                        response.headers_mut().insert(
+                            hyper::header::CONTENT_TYPE,
+                            HeaderValue::from_static("text/plain; version=0.0.4"),
+                        );
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;

@@ -83,7 +83,11 @@ impl Route {
                 }
             }
         }
-        best.or_else(|| (0..n).map(|i| &self.backends[(start + i) % n]).find(|b| usable(b)))
+        best.or_else(|| {
+            (0..n)
+                .map(|i| &self.backends[(start + i) % n])
+                .find(|b| usable(b))
+        })
     }
 }
 
@@ -169,7 +173,9 @@ pub(crate) struct Registry {
 pub(crate) fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
     let host = match host.rfind(':') {
         // An IPv6 literal keeps its colons; only a port after `]` goes.
-        Some(i) if !host[i..].contains(']') && (host.starts_with('[') || !host[..i].contains(':')) => {
+        Some(i)
+            if !host[i..].contains(']') && (host.starts_with('[') || !host[..i].contains(':')) =>
+        {
             &host[..i]
         }
         _ => host,
@@ -265,7 +271,7 @@ impl Registry {
             table.routes.push(route);
         }
         for map in table.exact.values_mut().chain(table.wildcard.values_mut()) {
-            map.routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+            map.routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
         }
         for cert in &wire.certificates {
             match certified_key(cert) {
@@ -352,8 +358,14 @@ mod tests {
             entry("a.example.com", "/", &[]),
             entry("*.example.com", "/", &[]),
         ]);
-        assert_eq!(t.find("a.example.com", "/").map(|r| r.label.as_str()), Some("a.example.com/"));
-        assert_eq!(t.find("b.example.com", "/x").map(|r| r.label.as_str()), Some("*.example.com/"));
+        assert_eq!(
+            t.find("a.example.com", "/").map(|r| r.label.as_str()),
+            Some("a.example.com/")
+        );
+        assert_eq!(
+            t.find("b.example.com", "/x").map(|r| r.label.as_str()),
+            Some("*.example.com/")
+        );
         assert!(t.find("x.b.example.com", "/").is_none());
         assert!(t.find("example.com", "/").is_none());
     }
@@ -383,12 +395,20 @@ mod tests {
 
     #[test]
     fn least_outstanding_prefers_the_idle_and_skips_the_down() {
-        let t = table(vec![entry("h", "/", &["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"])]);
+        let t = table(vec![entry(
+            "h",
+            "/",
+            &["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"],
+        )]);
         let route = t.find("h", "/").expect("route");
         route.backends[0].outstanding.store(5, Ordering::Relaxed);
-        route.backends[1].down_until_ms.store(1_000, Ordering::Relaxed);
+        route.backends[1]
+            .down_until_ms
+            .store(1_000, Ordering::Relaxed);
         for _ in 0..5 {
-            let b = route.pick(Balance::LeastOutstanding, 10, None).expect("backend");
+            let b = route
+                .pick(Balance::LeastOutstanding, 10, None)
+                .expect("backend");
             assert_eq!(b.addr, "127.0.0.1:3");
         }
         // Once the down mark expires, the idle ones share.

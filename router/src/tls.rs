@@ -26,11 +26,17 @@ pub(crate) async fn read_client_hello(stream: &mut TcpStream) -> io::Result<Vec<
     loop {
         if buf.len() >= 5 {
             if buf[0] != 22 {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "not a TLS handshake"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "not a TLS handshake",
+                ));
             }
             let need = 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
             if need > MAX_RECORD {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS record too large"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "TLS record too large",
+                ));
             }
             if buf.len() >= need {
                 return Ok(buf);
@@ -61,7 +67,8 @@ pub(crate) fn sni(record: &[u8]) -> Option<String> {
             self.take(1).map(|b| usize::from(b[0]))
         }
         fn u16(&mut self) -> Option<usize> {
-            self.take(2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+            self.take(2)
+                .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
         }
     }
     let mut r = Reader(record.get(5..)?);

@@ -13,11 +13,17 @@ use keel_agent::eventually;
 use keel_agent::testing::{NodeSpec, SimCluster};
 use keel_router::{Router, RouterConfig, TableSource};
 
-/// The status curl gets for `host` through the router.
-async fn status(http: SocketAddr, host: &str) -> u16 {
+const NO_ROUTE: &str = "keel router: no route for this host";
+const NO_INSTANCE: &str = "keel router: no ready instance for this route";
+
+/// The first line curl gets for `host` through the router.
+async fn answer(http: SocketAddr, host: &str) -> String {
     curl(&["-H", &format!("Host: {host}"), &format!("http://{http}/")])
         .await
-        .map_or(0, |(code, _)| code)
+        .map_or_else(
+            |e| e.to_string(),
+            |(_, body)| body.lines().next().unwrap_or("").to_owned(),
+        )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,7 +52,7 @@ async fn follows_the_controller_and_outlives_it() -> anyhow::Result<()> {
             None => Err("no table yet"),
         }
     });
-    assert_eq!(status(http, "shop.example.com").await, 404);
+    assert_eq!(answer(http, "shop.example.com").await, NO_ROUTE);
 
     cluster
         .admin()
@@ -56,27 +62,30 @@ async fn follows_the_controller_and_outlives_it() -> anyhow::Result<()> {
              routes:\n  - host: shop.example.com\n    port: http\n",
         )
         .await?;
-    // Simulated instances publish addresses no one listens on: the route
-    // is there (not 404) and its instances are unreachable (502).
+    // Simulated instances publish made-up addresses: what answers there
+    // (nothing, usually: 502) does not matter, only that the router has
+    // the route and its ready instances.
+    let forwarded = |a: &str| a != NO_ROUTE && a != NO_INSTANCE;
     eventually!(Duration::from_secs(15), {
-        match status(http, "shop.example.com").await {
-            502 => Ok(()),
-            other => Err(format!("status {other}")),
+        match answer(http, "shop.example.com").await {
+            a if forwarded(&a) => Ok(()),
+            other => Err(other),
         }
     });
     let generation = router.generation();
 
     cluster.stop_controller().await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(status(http, "shop.example.com").await, 502, "the last table serves");
+    let a = answer(http, "shop.example.com").await;
+    assert!(forwarded(&a), "the last table serves: {a}");
     assert_eq!(router.generation(), generation);
 
     cluster.start_controller().await?;
     cluster.admin().scale("shop", "web", 0).await?;
     eventually!(Duration::from_secs(20), {
-        match status(http, "shop.example.com").await {
-            503 => Ok(()),
-            other => Err(format!("status {other}")),
+        match answer(http, "shop.example.com").await {
+            a if a == NO_INSTANCE => Ok(()),
+            other => Err(other),
         }
     });
     router.shutdown().await;

@@ -20,7 +20,12 @@ async fn http1_and_http2_reach_the_instance_with_forwarding_headers() -> anyhow:
     let router = start_router(
         table(
             1,
-            vec![route("app.example.com", "/", RouteTls::Terminate, &[backend.addr])],
+            vec![route(
+                "app.example.com",
+                "/",
+                RouteTls::Terminate,
+                &[backend.addr],
+            )],
         ),
         Limits::default(),
     )?;
@@ -37,10 +42,16 @@ async fn http1_and_http2_reach_the_instance_with_forwarding_headers() -> anyhow:
     .await?;
     assert_eq!(code, 200, "{body}");
     assert!(body.starts_with("b1 /some/path "), "{body}");
-    assert!(body.contains("x-forwarded-for=10.1.2.3, 127.0.0.1 "), "{body}");
+    assert!(
+        body.contains("x-forwarded-for=10.1.2.3, 127.0.0.1 "),
+        "{body}"
+    );
     assert!(body.contains("x-forwarded-proto=http "), "{body}");
     assert!(body.contains("x-forwarded-host=app.example.com "), "{body}");
-    assert!(!body.contains("x-request-id=-"), "a request id is added: {body}");
+    assert!(
+        !body.contains("x-request-id=-"),
+        "a request id is added: {body}"
+    );
     assert!(body.ends_with("HTTP/1.1"), "{body}");
 
     // HTTP/2 over TLS, chosen by ALPN, the host by SNI.
@@ -104,7 +115,10 @@ async fn routes_by_host_wildcard_and_longest_path() -> anyhow::Result<()> {
     ] {
         let (code, body) = curl(&["-H", &format!("Host: {host}"), &format!("{url}{path}")]).await?;
         assert_eq!(code, 200, "{host}{path}: {body}");
-        assert!(body.starts_with(&format!("{expect} ")), "{host}{path}: {body}");
+        assert!(
+            body.starts_with(&format!("{expect} ")),
+            "{host}{path}: {body}"
+        );
     }
     let (code, body) = curl(&["-H", "Host: a.eu.shop.test", &format!("{url}/")]).await?;
     assert_eq!(code, 404, "a wildcard matches one label only: {body}");
@@ -133,7 +147,10 @@ async fn the_router_says_why_with_404_503_502_and_413() -> anyhow::Result<()> {
     )?;
     let url = format!("http://{}", router.addresses().http.context("http")?);
     let (code, body) = curl(&["-H", "Host: nowhere.test", &url]).await?;
-    assert_eq!((code, body.lines().next()), (404, Some("keel router: no route for this host")));
+    assert_eq!(
+        (code, body.lines().next()),
+        (404, Some("keel router: no route for this host"))
+    );
     let (code, body) = curl(&["-H", "Host: empty.test", &url]).await?;
     assert_eq!(
         (code, body.lines().next()),
@@ -143,7 +160,10 @@ async fn the_router_says_why_with_404_503_502_and_413() -> anyhow::Result<()> {
     let (code, body) = curl(&["-H", "Host: dead.test", &url]).await?;
     assert_eq!(
         (code, body.lines().next()),
-        (502, Some("keel router: no instance of this route could be reached"))
+        (
+            502,
+            Some("keel router: no instance of this route could be reached")
+        )
     );
     assert!(started.elapsed() < Duration::from_secs(3), "no hang");
     // One instance refuses: every request is retried on the other.
@@ -152,19 +172,48 @@ async fn the_router_says_why_with_404_503_502_and_413() -> anyhow::Result<()> {
         assert_eq!(code, 200, "{body}");
     }
     let big = "x".repeat(2_000);
-    let (code, body) = curl(&["-H", "Host: half.test", "--data-binary", &big, &format!("{url}/body")]).await?;
+    let (code, body) = curl(&[
+        "-H",
+        "Host: half.test",
+        "--data-binary",
+        &big,
+        &format!("{url}/body"),
+    ])
+    .await?;
     assert_eq!(code, 413, "{body}");
-    let (code, body) = curl(&["-H", "Host: half.test", "--data-binary", "small", &format!("{url}/body")]).await?;
+    let (code, body) = curl(&[
+        "-H",
+        "Host: half.test",
+        "--data-binary",
+        "small",
+        &format!("{url}/body"),
+    ])
+    .await?;
     assert_eq!((code, body.lines().next()), (200, Some("5")));
 
     // What happened shows in /metrics.
-    let metrics = format!("http://{}/metrics", router.addresses().metrics.context("metrics")?);
+    let metrics = format!(
+        "http://{}/metrics",
+        router.addresses().metrics.context("metrics")?
+    );
     let (code, text) = curl(&[&metrics]).await?;
     assert_eq!(code, 200);
-    assert!(text.contains("keel_router_requests_total{route=\"half.test/\",status=\"200\"} 11"), "{text}");
-    assert!(text.contains("keel_router_requests_total{route=\"dead.test/\",status=\"502\"} 1"), "{text}");
-    assert!(text.contains("keel_router_unrouted_requests_total 1"), "{text}");
-    assert!(text.contains("keel_router_request_duration_seconds_count{route=\"half.test/\"} 12"), "{text}");
+    assert!(
+        text.contains("keel_router_requests_total{route=\"half.test/\",status=\"200\"} 11"),
+        "{text}"
+    );
+    assert!(
+        text.contains("keel_router_requests_total{route=\"dead.test/\",status=\"502\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("keel_router_unrouted_requests_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("keel_router_request_duration_seconds_count{route=\"half.test/\"} 12"),
+        "{text}"
+    );
     router.shutdown().await;
     backend.stop().await;
     Ok(())
@@ -181,12 +230,17 @@ async fn a_slow_client_is_cut_off_after_the_header_timeout() -> anyhow::Result<(
     )?;
     let mut stream = TcpStream::connect(router.addresses().http.context("http")?).await?;
     let started = Instant::now();
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").await?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await?;
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "the router must close the connection");
     let elapsed = started.elapsed();
-    assert!(elapsed >= Duration::from_millis(250), "closed too early: {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(250),
+        "closed too early: {elapsed:?}"
+    );
     router.shutdown().await;
     Ok(())
 }
@@ -195,7 +249,10 @@ async fn a_slow_client_is_cut_off_after_the_header_timeout() -> anyhow::Result<(
 async fn an_upgraded_connection_carries_bytes_both_ways() -> anyhow::Result<()> {
     let backend = Backend::start("ws").await?;
     let router = start_router(
-        table(1, vec![route("ws.test", "/", RouteTls::Off, &[backend.addr])]),
+        table(
+            1,
+            vec![route("ws.test", "/", RouteTls::Off, &[backend.addr])],
+        ),
         Limits::default(),
     )?;
     let mut stream = TcpStream::connect(router.addresses().http.context("http")?).await?;
@@ -242,7 +299,17 @@ async fn tls_passthrough_reaches_the_instance_undecrypted() -> anyhow::Result<()
     let output = tokio::task::spawn_blocking(move || {
         use std::io::Write;
         let mut child = std::process::Command::new("timeout")
-            .args(["10", "openssl", "s_client", "-quiet", "-no_ign_eof", "-connect", &https.to_string(), "-servername", "secure.test"])
+            .args([
+                "10",
+                "openssl",
+                "s_client",
+                "-quiet",
+                "-no_ign_eof",
+                "-connect",
+                &https.to_string(),
+                "-servername",
+                "secure.test",
+            ])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -257,7 +324,10 @@ async fn tls_passthrough_reaches_the_instance_undecrypted() -> anyhow::Result<()
     .await??;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stdout.contains("echo:ping"), "stdout: {stdout} stderr: {stderr}");
+    assert!(
+        stdout.contains("echo:ping"),
+        "stdout: {stdout} stderr: {stderr}"
+    );
     // The certificate is the instance's (rcgen's default subject), not one
     // the router made.
     assert!(stderr.contains("rcgen self signed cert"), "{stderr}");
@@ -324,7 +394,10 @@ async fn stored_certificates_are_served_by_sni_else_self_signed() -> anyhow::Res
 async fn shutdown_lets_requests_in_flight_finish() -> anyhow::Result<()> {
     let backend = Backend::start("b").await?;
     let router = start_router(
-        table(1, vec![route("slow.test", "/", RouteTls::Off, &[backend.addr])]),
+        table(
+            1,
+            vec![route("slow.test", "/", RouteTls::Off, &[backend.addr])],
+        ),
         Limits::default(),
     )?;
     let http = router.addresses().http.context("http")?;
@@ -334,7 +407,10 @@ async fn shutdown_lets_requests_in_flight_finish() -> anyhow::Result<()> {
     router.shutdown().await;
     let (code, body) = slow.await??;
     assert_eq!(code, 200, "the request in flight completes: {body}");
-    assert!(TcpStream::connect(http).await.is_err(), "nothing listens after shutdown");
+    assert!(
+        TcpStream::connect(http).await.is_err(),
+        "nothing listens after shutdown"
+    );
     Ok(())
 }
 
@@ -351,7 +427,12 @@ async fn bad_configuration_is_a_clear_error() -> anyhow::Result<()> {
     })
     .err()
     .context("a bad table must not start")?;
-    let message = format!("{error}: {}", std::error::Error::source(&error).map(|s| s.to_string()).unwrap_or_default());
+    let message = format!(
+        "{error}: {}",
+        std::error::Error::source(&error)
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    );
     assert!(message.contains("routes.json"), "{message}");
     assert!(message.contains("unknown field `extra`"), "{message}");
 
@@ -366,9 +447,13 @@ async fn bad_configuration_is_a_clear_error() -> anyhow::Result<()> {
     .context("a taken port must not start")?;
     assert_eq!(error.to_string(), format!("cannot listen on {addr}"));
 
-    let error = serde_json::from_str::<keel_router::RouterConfig>(r#"{"limits": {"max_body_mb": 1}}"#)
-        .err()
-        .context("unknown config fields are errors")?;
-    assert!(error.to_string().contains("unknown field `max_body_mb`"), "{error}");
+    let error =
+        serde_json::from_str::<keel_router::RouterConfig>(r#"{"limits": {"max_body_mb": 1}}"#)
+            .err()
+            .context("unknown config fields are errors")?;
+    assert!(
+        error.to_string().contains("unknown field `max_body_mb`"),
+        "{error}"
+    );
     Ok(())
 }

@@ -132,7 +132,10 @@ async fn serve(
     }
     if req.uri().path() == "/body" {
         let body = req.into_body().collect().await?.to_bytes();
-        return Ok(Response::new(Full::new(Bytes::from(format!("{}\n", body.len())))));
+        return Ok(Response::new(Full::new(Bytes::from(format!(
+            "{}\n",
+            body.len()
+        )))));
     }
     Ok(Response::new(Full::new(Bytes::from(text))))
 }
@@ -157,7 +160,9 @@ pub async fn tls_echo(host: &str) -> anyhow::Result<(SocketAddr, String)> {
         while let Ok((stream, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(stream).await else { return };
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
                 let mut buf = [0u8; 1024];
                 while let Ok(n) = tls.read(&mut buf).await {
                     if n == 0 {
@@ -237,9 +242,12 @@ pub async fn curl(args: &[&str]) -> anyhow::Result<(u16, String)> {
     full.extend(args.iter().map(|a| (*a).to_owned()));
     let output = run("curl", &full).await?;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, tail) = stdout
-        .rsplit_once('\n')
-        .with_context(|| format!("curl said: {stdout} {}", String::from_utf8_lossy(&output.stderr)))?;
+    let (body, tail) = stdout.rsplit_once('\n').with_context(|| {
+        format!(
+            "curl said: {stdout} {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
     let code: u16 = tail
         .split_whitespace()
         .next()
