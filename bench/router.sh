@@ -91,6 +91,7 @@ PY
 RUST_LOG=warn taskset -c 0 "$router_bin" --table "$work/table.json" --workers 1 \
   --http "127.0.0.1:$router_port" --https "127.0.0.1:$router_tls" 2> "$work/router.log" &
 pids+=($!)
+keel_pid=$!
 
 cat > "$work/haproxy.cfg" <<CONF
 global
@@ -113,6 +114,7 @@ backend hello
 CONF
 taskset -c 0 haproxy -f "$work/haproxy.cfg" -db 2> "$work/haproxy.log" &
 pids+=($!)
+haproxy_pid=$!
 
 cat > "$work/nginx/nginx.conf" <<CONF
 worker_processes 1;
@@ -140,6 +142,7 @@ http {
 CONF
 taskset -c 0 nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" &
 pids+=($!)
+nginx_pid=$!
 
 # Wait until every proxy answers through to the backend.
 for url in "http://127.0.0.1:$router_port/" "http://127.0.0.1:$haproxy_port/" "http://127.0.0.1:$nginx_port/"; do
@@ -150,11 +153,25 @@ for url in "http://127.0.0.1:$router_port/" "http://127.0.0.1:$haproxy_port/" "h
   curl -fsS -o /dev/null -H "Host: $host" "$url" || { echo "$url does not answer" >&2; cat "$work"/*.log >&2; exit 1; }
 done
 
-# One wrk run; prints "rps p99_ms errors".
+# CPU time (clock ticks) of a process and its children (nginx's worker).
+ticks() {
+  local total=0 pid
+  for pid in "$1" $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
+
+# One wrk run against proxy process $1 at URL $2; prints
+# "rps p99_ms errors cpu_us_per_request". The CPU figure is the proxy's own
+# (user and system) and is the steadier one on a shared machine: rps also
+# depends on what else runs on the two CPUs.
 run() {
-  local out
-  out=$(taskset -c 1 wrk -t1 -c64 -d"$duration" --latency -H "Host: $host" "$1")
-  awk '
+  local out before after
+  before=$(ticks "$1")
+  out=$(taskset -c 1 wrk -t1 -c64 -d"$duration" --latency -H "Host: $host" "$2")
+  after=$(ticks "$1")
+  awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" '
     /Requests\/sec:/ { rps = $2 }
     /^ +99%/ {
       v = $2
@@ -164,13 +181,14 @@ run() {
     }
     /Non-2xx or 3xx responses:/ { errors += $5 }
     /Socket errors:/ { gsub(/,/, ""); errors += $4 + $6 + $8 + $10 }
-    END { printf "%s %s %d\n", rps, p99, errors }
+    /requests in/ { requests = $1 }
+    END { printf "%s %s %d %.1f\n", rps, p99, errors, (requests > 0 ? ticks * 1e6 / hz / requests : 0) }
   ' <<< "$out"
 }
 
 median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
-declare -A rps p99
+declare -A rps p99 cpu
 for mode in plain tls; do
   for round in $(seq "$rounds"); do
     for proxy in keel haproxy nginx; do
@@ -182,24 +200,27 @@ for mode in plain tls; do
         nginx/plain) url="http://127.0.0.1:$nginx_port/" ;;
         nginx/tls) url="https://127.0.0.1:$nginx_tls/" ;;
       esac
-      read -r r p e < <(run "$url")
+      pid_var="${proxy}_pid"
+      read -r r p e c < <(run "${!pid_var}" "$url")
       if [ "$e" != 0 ]; then
         echo "$proxy $mode: $e errors (non-2xx or socket errors)" >&2
         exit 1
       fi
-      echo "round $round $mode $proxy: ${r} rps, p99 ${p} ms"
+      echo "round $round $mode $proxy: ${r} rps, p99 ${p} ms, ${c} us CPU per request"
       rps[$proxy/$mode]+="$r "
       p99[$proxy/$mode]+="$p "
+      cpu[$proxy/$mode]+="$c "
     done
   done
 done
 
-printf '%-8s %-6s %12s %10s\n' proxy mode rps p99_ms
+printf '%-8s %-6s %12s %10s %14s\n' proxy mode rps p99_ms cpu_us_per_req
 for mode in plain tls; do
   for proxy in keel haproxy nginx; do
     r=$(tr ' ' '\n' <<< "${rps[$proxy/$mode]}" | grep . | median)
     p=$(tr ' ' '\n' <<< "${p99[$proxy/$mode]}" | grep . | median)
-    printf '%-8s %-6s %12s %10s\n' "$proxy" "$mode" "$r" "$p"
+    c=$(tr ' ' '\n' <<< "${cpu[$proxy/$mode]}" | grep . | median)
+    printf '%-8s %-6s %12s %10s %14s\n' "$proxy" "$mode" "$r" "$p" "$c"
     declare "m_${proxy}_${mode}_rps=$r" "m_${proxy}_${mode}_p99=$p"
   done
 done
