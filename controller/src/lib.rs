@@ -12,6 +12,7 @@ pub mod agents;
 pub mod api;
 pub mod apps;
 pub mod auth;
+pub mod certs;
 pub mod instances;
 pub mod nodes;
 pub mod reconcile;
@@ -95,6 +96,7 @@ impl Server {
             nodes: Arc::new(nodes::Nodes::new(store.clone(), config.node_lost_after)),
             agents: agents::Agents::new(store.clone()),
             routes: routes::Routes::new(store.clone()),
+            certs: certs::Certs::new(store.clone()),
             auth: Arc::new(auth),
             stopping: stopping_rx,
         };

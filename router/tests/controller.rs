@@ -36,7 +36,7 @@ async fn follows_the_controller_and_outlives_it() -> anyhow::Result<()> {
     .await?;
     let router = Router::start(RouterConfig {
         http_addr: Some("127.0.0.1:0".parse()?),
-        https_addr: None,
+        https_addr: Some("127.0.0.1:0".parse()?),
         worker_threads: 1,
         source: TableSource::controller(
             cluster.admin().base_url(),
@@ -70,6 +70,47 @@ async fn follows_the_controller_and_outlives_it() -> anyhow::Result<()> {
         match answer(http, "shop.example.com").await {
             a if forwarded(&a) => Ok(()),
             other => Err(other),
+        }
+    });
+
+    // A certificate stored through the API reaches the router, which
+    // serves it by SNI; the admin never sees its key again.
+    let made = rcgen::generate_simple_self_signed(vec!["shop.example.com".to_owned()])?;
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, made.cert.pem())?;
+    let body = serde_json::json!({
+        "host": "shop.example.com",
+        "cert_pem": made.cert.pem(),
+        "key_pem": made.signing_key.serialize_pem(),
+    });
+    cluster
+        .admin()
+        .call(
+            reqwest::Method::POST,
+            "/v1/certs",
+            Some(("application/json", body.to_string())),
+        )
+        .await?;
+    let listed = cluster.admin().get("/v1/certs").await?.to_string();
+    assert!(
+        listed.contains("fingerprint_sha256") && !listed.contains("PRIVATE KEY"),
+        "{listed}"
+    );
+    let table = cluster.admin().get("/v1/routes").await?.to_string();
+    assert!(!table.contains("PRIVATE KEY"), "{table}");
+    let port = router.addresses().https.context("https")?.port();
+    let (ca, resolve, url) = (
+        ca.display().to_string(),
+        format!("shop.example.com:{port}:127.0.0.1"),
+        format!("https://shop.example.com:{port}/"),
+    );
+    eventually!(Duration::from_secs(10), {
+        // Verified against the uploaded certificate: a status means the
+        // handshake succeeded.
+        match curl(&["--cacert", &ca, "--resolve", &resolve, &url]).await {
+            Ok((code, _)) if code > 0 => Ok(()),
+            other => Err(format!("{other:?}")),
         }
     });
     let generation = router.generation();
