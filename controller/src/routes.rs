@@ -113,6 +113,8 @@ impl Routes {
                     }
                     .to_owned(),
                     backends,
+                    redirect_https: route.redirect_https,
+                    hsts: route.hsts,
                 });
             }
         }

@@ -457,3 +457,43 @@ async fn bad_configuration_is_a_clear_error() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_route_can_redirect_to_https_and_send_hsts() -> anyhow::Result<()> {
+    let backend = Backend::start("b").await?;
+    let mut secure = route("secure.test", "/", RouteTls::Terminate, &[backend.addr]);
+    secure.redirect_https = true;
+    secure.hsts = true;
+    let router = start_router(table(1, vec![secure]), Limits::default())?;
+    let http = router.addresses().http.context("http")?;
+    let port = router.addresses().https.context("https")?.port();
+    let (code, body) = curl(&[
+        "-i",
+        "-H",
+        "Host: secure.test",
+        &format!("http://{http}/a/b?c=d"),
+    ])
+    .await?;
+    assert_eq!(code, 308, "{body}");
+    assert!(
+        body.to_lowercase()
+            .contains("location: https://secure.test/a/b?c=d"),
+        "{body}"
+    );
+    let (code, body) = curl(&[
+        "-k",
+        "-i",
+        "--resolve",
+        &format!("secure.test:{port}:127.0.0.1"),
+        &format!("https://secure.test:{port}/"),
+    ])
+    .await?;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.to_lowercase()
+            .contains("strict-transport-security: max-age=31536000"),
+        "{body}"
+    );
+    router.shutdown().await;
+    Ok(())
+}

@@ -190,6 +190,8 @@ pub fn route(host: &str, path: &str, tls: RouteTls, backends: &[SocketAddr]) -> 
         port: "http".to_owned(),
         protocol: "http".to_owned(),
         backends: backends.iter().map(|a| a.to_string()).collect(),
+        redirect_https: false,
+        hsts: false,
     }
 }
 
