@@ -92,6 +92,28 @@ async fn follows_the_controller_and_outlives_it() -> anyhow::Result<()> {
             Some(("application/json", body.to_string())),
         )
         .await?;
+    // A key that is not the certificate's is refused, by field.
+    let other = rcgen::generate_simple_self_signed(vec!["shop.example.com".to_owned()])?;
+    let wrong = serde_json::json!({
+        "host": "shop.example.com",
+        "cert_pem": made.cert.pem(),
+        "key_pem": other.signing_key.serialize_pem(),
+    });
+    let refused = cluster
+        .admin()
+        .call(
+            reqwest::Method::POST,
+            "/v1/certs",
+            Some(("application/json", wrong.to_string())),
+        )
+        .await
+        .err()
+        .context("a mismatched key must be refused")?
+        .to_string();
+    assert!(
+        refused.contains("400") && refused.contains("key_pem"),
+        "{refused}"
+    );
     let listed = cluster.admin().get("/v1/certs").await?.to_string();
     assert!(
         listed.contains("fingerprint_sha256") && !listed.contains("PRIVATE KEY"),

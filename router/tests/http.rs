@@ -497,3 +497,45 @@ async fn a_route_can_redirect_to_https_and_send_hsts() -> anyhow::Result<()> {
     router.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn connections_past_the_limit_are_closed_at_once() -> anyhow::Result<()> {
+    let backend = Backend::start("b").await?;
+    let router = start_router(
+        table(
+            1,
+            vec![route("app.test", "/", RouteTls::Off, &[backend.addr])],
+        ),
+        Limits {
+            max_connections: 2,
+            ..Limits::default()
+        },
+    )?;
+    let http = router.addresses().http.context("http")?;
+    let first = TcpStream::connect(http).await?;
+    let _second = TcpStream::connect(http).await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = TcpStream::connect(http).await?;
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(2), third.read_to_end(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the third connection is closed: {closed:?}"
+    );
+    // Room again once one closes.
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (code, body) = curl(&["-H", "Host: app.test", &format!("http://{http}/")]).await?;
+    assert_eq!(code, 200, "{body}");
+    let metrics = format!(
+        "http://{}/metrics",
+        router.addresses().metrics.context("metrics")?
+    );
+    let (_, text) = curl(&[&metrics]).await?;
+    assert!(
+        text.contains("keel_router_connections_refused_total 1"),
+        "{text}"
+    );
+    router.shutdown().await;
+    Ok(())
+}
