@@ -24,9 +24,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use keel_manifest::RestartPolicy;
 use keel_protocol::{
-    InstanceRef, InstanceSpec, InstanceState, InstanceStatus, StatusReport, StreamMessage,
+    InstanceRef, InstanceSpec, InstanceState, InstanceStatus, LogRequest, StatusReport,
+    StreamMessage,
 };
 use tokio::sync::{Mutex, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -314,7 +316,11 @@ impl Shared {
 
     /// One stream, from connect to its end: why it ended, and whether it
     /// delivered a snapshot.
-    async fn session(&self, credential: &str, retry: &mut Retry) -> (ControllerError, bool) {
+    async fn session(
+        self: &Arc<Self>,
+        credential: &str,
+        retry: &mut Retry,
+    ) -> (ControllerError, bool) {
         let wrap = |source| ControllerError::Watch {
             node: self.node().to_owned(),
             source,
@@ -346,13 +352,65 @@ impl Shared {
                 Err(error) => return (wrap(error), synced),
             };
             for message in messages {
-                if matches!(message, StreamMessage::Snapshot { .. }) {
-                    retry.reset();
-                    synced = true;
+                match message {
+                    StreamMessage::Logs(request) => {
+                        self.serve_logs(request, credential.to_owned());
+                        continue;
+                    }
+                    StreamMessage::Snapshot { .. } => {
+                        retry.reset();
+                        synced = true;
+                    }
+                    StreamMessage::Put { .. } | StreamMessage::Delete { .. } => {}
                 }
                 self.apply(message);
             }
         }
+    }
+
+    /// Answers a log request in a task of its own: the instance's log,
+    /// POSTed line by line for as long as the controller takes it (a
+    /// followed log ends when the controller ends the request, or at
+    /// shutdown).
+    fn serve_logs(self: &Arc<Self>, request: LogRequest, credential: String) {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let instance = request.instance.clone();
+            let lines = match shared
+                .runtime
+                .logs(&instance, request.tail, request.follow)
+                .await
+            {
+                Ok(lines) => lines,
+                Err(error) => {
+                    let line = format!("keel: {}", error_chain(&error));
+                    Box::pin(futures::stream::once(async move { Ok(line) }))
+                }
+            };
+            // A read error ends the log with the reason as its last line.
+            let body = lines.scan(false, |failed, line| {
+                if *failed {
+                    return futures::future::ready(None);
+                }
+                let text = match line {
+                    Ok(line) => format!("{line}\n"),
+                    Err(error) => {
+                        *failed = true;
+                        format!("keel: {}\n", error_chain(&error))
+                    }
+                };
+                futures::future::ready(Some(Ok::<_, std::convert::Infallible>(text)))
+            });
+            let sent = shared.controller.send_logs(
+                shared.node(),
+                &credential,
+                &request.request,
+                reqwest::Body::wrap_stream(body),
+            );
+            if let Some(Err(error)) = shared.unless_shutdown(sent).await {
+                tracing::debug!(instance = %display_ref(&instance), error = %error_chain(&error), "log request ended");
+            }
+        });
     }
 
     fn apply(&self, message: StreamMessage) {
@@ -394,6 +452,8 @@ impl Shared {
                     .send_if_modified(|desired| desired.instances.remove(&instance).is_some());
                 generation
             }
+            // Answered by `serve_logs`; never part of the desired set.
+            StreamMessage::Logs(_) => return,
         };
         let desired = self.desired.borrow().instances.len();
         self.status.send_modify(|s| {
@@ -728,6 +788,8 @@ impl Reconciler {
                 exit_code: state.exit_code,
                 reason: state.reason.clone(),
                 ports: state.ports.clone(),
+                cpu_millis: state.cpu_millis,
+                memory_bytes: state.memory_bytes,
             })
             .collect();
         let listed: BTreeSet<&InstanceRef> = observed.iter().map(|(r, _)| r).collect();
@@ -744,6 +806,8 @@ impl Reconciler {
                     exit_code: None,
                     reason: Some(reason.clone()),
                     ports: BTreeMap::new(),
+                    cpu_millis: None,
+                    memory_bytes: None,
                 });
             }
         }
@@ -836,7 +900,7 @@ impl Agent {
         let tasks = vec![
             tokio::spawn(shared.clone().heartbeats()),
             tokio::spawn(shared.clone().stream()),
-            tokio::spawn(shared.reporter()),
+            tokio::spawn(shared.clone().reporter()),
             tokio::spawn(reconciler.run()),
         ];
         Ok(AgentHandle {
@@ -844,6 +908,7 @@ impl Agent {
             stop,
             status: status_rx,
             tasks,
+            shared,
         })
     }
 }
@@ -855,11 +920,20 @@ pub struct AgentHandle {
     stop: watch::Sender<bool>,
     status: watch::Receiver<AgentStatus>,
     tasks: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
 }
 
 impl AgentHandle {
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The node's credential, once registered: a router on the same node
+    /// (`keel agent --roles router`) reads the route table with it. It
+    /// changes only if the controller forgot the node and it registered
+    /// again.
+    pub async fn credential(&self) -> Option<String> {
+        self.shared.credential.lock().await.clone()
     }
 
     /// What the agent is doing now.
@@ -930,6 +1004,8 @@ mod tests {
             exit_code: Some(code),
             reason: None,
             ports: BTreeMap::new(),
+            cpu_millis: None,
+            memory_bytes: None,
         };
         assert!(wants_restart(RestartPolicy::Always, &exited(0)));
         assert!(!wants_restart(RestartPolicy::OnFailure, &exited(0)));

@@ -58,6 +58,13 @@ pub enum ControllerError {
         #[source]
         source: CallError,
     },
+    #[error("log request {request} of node {node}")]
+    Logs {
+        node: String,
+        request: String,
+        #[source]
+        source: CallError,
+    },
 }
 
 impl ControllerError {
@@ -66,7 +73,8 @@ impl ControllerError {
             ControllerError::Register { source, .. }
             | ControllerError::Heartbeat { source, .. }
             | ControllerError::Watch { source, .. }
-            | ControllerError::Report { source, .. } => source,
+            | ControllerError::Report { source, .. }
+            | ControllerError::Logs { source, .. } => source,
         }
     }
 
@@ -220,6 +228,38 @@ impl Controller {
         };
         call.await.map_err(|source| ControllerError::Report {
             node: node.to_owned(),
+            source,
+        })
+    }
+}
+
+impl Controller {
+    /// Answers a log request: `body` is the instance's log, streamed for
+    /// as long as it lasts (no timeout: a followed log lasts until the
+    /// controller ends the request).
+    pub(crate) async fn send_logs(
+        &self,
+        node: &str,
+        credential: &str,
+        request: &str,
+        body: reqwest::Body,
+    ) -> Result<(), ControllerError> {
+        let call = async {
+            let response = self
+                .http
+                .post(format!("{}/v1/nodes/{node}/logs/{request}", self.base))
+                .bearer_auth(credential)
+                .header(reqwest::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+                .body(body)
+                .send()
+                .await
+                .map_err(CallError::Transport)?;
+            check(response).await?;
+            Ok(())
+        };
+        call.await.map_err(|source| ControllerError::Logs {
+            node: node.to_owned(),
+            request: request.to_owned(),
             source,
         })
     }

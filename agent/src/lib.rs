@@ -3,7 +3,9 @@
 //! a [`Runtime`] toward that desired set, and reports what actually runs.
 //!
 //! - [`runtime`]: the [`Runtime`] trait, the side effects of running
-//!   instances (a Docker runtime implements it later).
+//!   instances.
+//! - [`docker`]: [`DockerRuntime`], the real one: containers in the node's
+//!   Docker Engine, health probes, stats and logs.
 //! - [`sim`]: [`SimRuntime`], a deterministic in-memory runtime with
 //!   failure injection, so the control plane can be tested and benchmarked
 //!   with thousands of nodes in one process.
@@ -22,6 +24,7 @@
 
 mod agent;
 mod client;
+pub mod docker;
 pub mod runtime;
 pub mod sim;
 #[cfg(feature = "testing")]
@@ -29,5 +32,6 @@ pub mod testing;
 
 pub use agent::{Agent, AgentConfig, AgentError, AgentHandle, AgentStatus, Backoff};
 pub use client::{CallError, ControllerError, NodeCapacity, NodeRegistration};
-pub use runtime::{Runtime, RuntimeError, RuntimeState};
+pub use docker::{DockerConfig, DockerRuntime};
+pub use runtime::{LogStream, Runtime, RuntimeError, RuntimeState};
 pub use sim::{SimConfig, SimRuntime};

@@ -14,8 +14,10 @@
 
 use std::collections::BTreeMap;
 use std::error::Error as StdError;
+use std::pin::Pin;
 
 use async_trait::async_trait;
+use futures::Stream;
 use keel_protocol::{InstanceRef, InstanceSpec, InstanceState};
 
 /// The cause of a runtime failure, as the engine gave it.
@@ -39,7 +41,15 @@ pub struct RuntimeState {
     pub reason: Option<String>,
     /// Port name to the `address:port` it is published on.
     pub ports: BTreeMap<String, String>,
+    /// CPU in use, in thousandths of a core, when the runtime measures it
+    /// (sampled: it may lag the rest of the state by a few seconds).
+    pub cpu_millis: Option<u64>,
+    /// Memory in use, in bytes (without the page cache), when measured.
+    pub memory_bytes: Option<u64>,
 }
+
+/// An instance's log, one line per item (without its newline).
+pub type LogStream = Pin<Box<dyn Stream<Item = Result<String, RuntimeError>> + Send>>;
 
 /// Runs instances on one node.
 ///
@@ -75,6 +85,22 @@ pub trait Runtime: Send + Sync + std::fmt::Debug + 'static {
     async fn changed(&self) {
         std::future::pending::<()>().await;
     }
+
+    /// The instance's log: the last `tail` lines (all with `None`), then,
+    /// with `follow`, new lines as they are written until the stream is
+    /// dropped. The default has no logs to give.
+    async fn logs(
+        &self,
+        instance: &InstanceRef,
+        tail: Option<u32>,
+        follow: bool,
+    ) -> Result<LogStream, RuntimeError> {
+        let _ = (tail, follow);
+        Err(RuntimeError::Logs {
+            instance: display_ref(instance),
+            source: "this runtime keeps no logs".into(),
+        })
+    }
 }
 
 /// A runtime operation that failed, with the engine's cause.
@@ -100,6 +126,12 @@ pub enum RuntimeError {
     },
     #[error("cannot list the node's instances")]
     List {
+        #[source]
+        source: BoxError,
+    },
+    #[error("cannot read the logs of instance {instance}")]
+    Logs {
+        instance: String,
         #[source]
         source: BoxError,
     },

@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use keel_protocol::{InstanceRef, InstanceSpec, InstanceState};
 use tokio::time::Instant;
 
-use crate::runtime::{Runtime, RuntimeError, RuntimeState, display_ref};
+use crate::runtime::{LogStream, Runtime, RuntimeError, RuntimeState, display_ref};
 
 /// How a simulated node behaves.
 #[derive(Debug, Clone)]
@@ -122,6 +122,8 @@ impl Entry {
             exit_code,
             reason,
             ports: self.ports.clone(),
+            cpu_millis: None,
+            memory_bytes: None,
         }
     }
 
@@ -279,6 +281,42 @@ impl Runtime for SimRuntime {
             .iter()
             .map(|(instance, entry)| (instance.clone(), entry.state(now, self.config.start_delay)))
             .collect())
+    }
+
+    /// A line per start, and one more when it crashed: what a simulated
+    /// app would have printed. `follow` changes nothing (the stream ends).
+    async fn logs(
+        &self,
+        instance: &InstanceRef,
+        tail: Option<u32>,
+        _follow: bool,
+    ) -> Result<LogStream, RuntimeError> {
+        let now = Instant::now();
+        let lines: Vec<String> = {
+            let state = self.lock();
+            let Some(entry) = state.instances.get(instance) else {
+                return Err(RuntimeError::Logs {
+                    instance: display_ref(instance),
+                    source: "no such instance on this node".into(),
+                });
+            };
+            let mut lines: Vec<String> = (1..=entry.starts)
+                .map(|n| {
+                    format!(
+                        "sim: {} started ({} of revision {}, start {n})",
+                        instance.id, entry.image, entry.revision
+                    )
+                })
+                .collect();
+            if let Some(code) = entry.state(now, self.config.start_delay).exit_code {
+                lines.push(format!("sim: {} exited with status {code}", instance.id));
+            }
+            lines
+        };
+        let skip = tail.map_or(0, |t| lines.len().saturating_sub(t as usize));
+        Ok(Box::pin(futures::stream::iter(
+            lines.into_iter().skip(skip).map(Ok),
+        )))
     }
 
     async fn changed(&self) {

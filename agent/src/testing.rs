@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::{Agent, AgentConfig, AgentHandle, Backoff, NodeCapacity, NodeRegistration};
-use crate::{SimConfig, SimRuntime};
+use crate::{Runtime, SimConfig, SimRuntime};
 
 /// Polls `$check` (a block evaluating to `Ok(value)` when the condition
 /// holds, `Err(why)` while it does not) every 50 ms until it holds, and
@@ -168,6 +168,10 @@ pub struct Instance {
     pub reason: Option<String>,
     #[serde(default)]
     pub ports: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cpu_millis: Option<u64>,
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
 }
 
 impl Instance {
@@ -210,8 +214,8 @@ impl Admin {
         &self.base
     }
 
-    /// The admin token, for clients of the API other than this one (a
-    /// router following the route stream, say).
+    /// The admin token, for clients the test starts itself (the CLI, the
+    /// console).
     pub fn token(&self) -> &str {
         &self.token
     }
@@ -275,12 +279,18 @@ impl Admin {
         Ok(view["revision"]["manifest"].clone())
     }
 
-    /// Scales an app: its current manifest again, with `instances` changed
-    /// (the API has no scale verb; a scale is a new revision).
+    /// Scales an app (`POST .../scale`): a new revision with only the
+    /// count changed.
     pub async fn scale(&self, project: &str, app: &str, instances: u32) -> anyhow::Result<Value> {
-        let mut manifest = self.manifest(project, app).await?;
-        manifest["instances"] = instances.into();
-        self.apply_json(&manifest).await
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/projects/{project}/apps/{app}/scale"),
+            Some((
+                "application/json",
+                serde_json::json!({ "instances": instances }).to_string(),
+            )),
+        )
+        .await
     }
 
     /// Rolls back to the revision before the current one.
@@ -298,6 +308,40 @@ impl Admin {
             .get(&format!("/v1/projects/{project}/apps/{app}/instances"))
             .await?;
         Ok(serde_json::from_value(value)?)
+    }
+
+    /// An app's merged logs (`GET .../logs`), whole: without `follow`, the
+    /// response ends once every instance's log is sent.
+    pub async fn logs(
+        &self,
+        project: &str,
+        app: &str,
+        tail: Option<u32>,
+    ) -> anyhow::Result<String> {
+        let mut path = format!("/v1/projects/{project}/apps/{app}/logs");
+        if let Some(tail) = tail {
+            path.push_str(&format!("?tail={tail}"));
+        }
+        match self.get(&path).await? {
+            Value::String(text) => Ok(text),
+            other => Ok(other.to_string()),
+        }
+    }
+
+    /// Follows an app's logs: the response, to read chunk by chunk.
+    pub async fn follow_logs(&self, project: &str, app: &str) -> anyhow::Result<reqwest::Response> {
+        let path = format!("/v1/projects/{project}/apps/{app}/logs?follow=true&tail=0");
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("GET {path}"))?;
+        if !response.status().is_success() {
+            bail!("GET {path}: {}", response.status());
+        }
+        Ok(response)
     }
 
     pub async fn nodes(&self) -> anyhow::Result<Vec<Node>> {
@@ -385,7 +429,10 @@ impl Drop for Proxy {
 #[derive(Debug)]
 struct SimNode {
     spec: NodeSpec,
-    runtime: SimRuntime,
+    /// Set when the node runs the simulated runtime.
+    sim: Option<SimRuntime>,
+    runtime: Arc<dyn Runtime>,
+    address: String,
     agent: Option<AgentHandle>,
     proxy: Proxy,
     partitioned: bool,
@@ -582,16 +629,17 @@ impl SimCluster {
         self.nodes.keys().cloned().collect()
     }
 
-    /// A node's simulated runtime, to see what it really runs.
+    /// A node's simulated runtime, to see what it really runs (`None` for
+    /// a node on another runtime).
     pub fn runtime(&self, node: &str) -> Option<&SimRuntime> {
-        self.nodes.get(node).map(|n| &n.runtime)
+        self.nodes.get(node).and_then(|n| n.sim.as_ref())
     }
 
-    /// Every node's runtime.
+    /// Every simulated node's runtime.
     pub fn runtimes(&self) -> impl Iterator<Item = (&str, &SimRuntime)> {
         self.nodes
             .iter()
-            .map(|(name, n)| (name.as_str(), &n.runtime))
+            .filter_map(|(name, n)| Some((name.as_str(), n.sim.as_ref()?)))
     }
 
     /// The spec a node was started with.
@@ -607,30 +655,67 @@ impl SimCluster {
     /// Adds a node and starts its agent, without waiting for it to join
     /// (the controller may be down).
     pub async fn spawn_node(&mut self, spec: NodeSpec) -> anyhow::Result<()> {
+        let index = self.added;
+        let address = format!("10.0.{}.{}", index / 250, index % 250 + 1);
+        let sim = SimRuntime::new(
+            SimConfig::new(address.clone()).with_start_delay(self.config.start_delay),
+        );
+        self.spawn_node_on(spec, address, Arc::new(sim.clone()), Some(sim))
+            .await
+    }
+
+    /// Adds a node on a runtime of the caller's (a `DockerRuntime`),
+    /// registered with `address`, without waiting for it to join.
+    pub async fn spawn_node_with(
+        &mut self,
+        spec: NodeSpec,
+        address: impl Into<String>,
+        runtime: Arc<dyn Runtime>,
+    ) -> anyhow::Result<()> {
+        self.spawn_node_on(spec, address.into(), runtime, None)
+            .await
+    }
+
+    /// [`SimCluster::spawn_node_with`], then waits until it is ready.
+    pub async fn add_node_with(
+        &mut self,
+        spec: NodeSpec,
+        address: impl Into<String>,
+        runtime: Arc<dyn Runtime>,
+    ) -> anyhow::Result<()> {
+        let name = spec.name.clone();
+        self.spawn_node_with(spec, address, runtime).await?;
+        self.wait_ready([name]).await
+    }
+
+    async fn spawn_node_on(
+        &mut self,
+        spec: NodeSpec,
+        address: String,
+        runtime: Arc<dyn Runtime>,
+        sim: Option<SimRuntime>,
+    ) -> anyhow::Result<()> {
         if self.nodes.contains_key(&spec.name) {
             bail!("node {} is already in the cluster", spec.name);
         }
-        let index = self.added;
         self.added += 1;
-        let address = format!("10.0.{}.{}", index / 250, index % 250 + 1);
-        let runtime = SimRuntime::new(
-            SimConfig::new(address.clone()).with_start_delay(self.config.start_delay),
-        );
         let target = self.controller.as_ref().map(Controller::addr);
         let proxy = Proxy::start(target).await?;
         let mut node = SimNode {
             spec,
+            sim,
             runtime,
+            address,
             agent: None,
             proxy,
             partitioned: false,
         };
-        node.agent = Some(self.agent_for(&node, address)?);
+        node.agent = Some(self.agent_for(&node)?);
         self.nodes.insert(node.spec.name.clone(), node);
         Ok(())
     }
 
-    fn agent_for(&self, node: &SimNode, address: String) -> anyhow::Result<AgentHandle> {
+    fn agent_for(&self, node: &SimNode) -> anyhow::Result<AgentHandle> {
         let spec = &node.spec;
         let registration = NodeRegistration {
             name: spec.name.clone(),
@@ -639,7 +724,7 @@ impl SimCluster {
             labels: spec.labels.clone(),
             roles: spec.roles.clone(),
             capacity: spec.capacity,
-            address,
+            address: node.address.clone(),
         };
         let mut config = AgentConfig::new(
             format!("http://{}", node.proxy.addr),
@@ -650,7 +735,7 @@ impl SimCluster {
         config.report_interval = self.config.report_interval;
         config.retry = self.config.retry;
         config.request_timeout = Duration::from_secs(5);
-        Ok(Agent::new(config, Arc::new(node.runtime.clone())).spawn()?)
+        Ok(Agent::new(config, node.runtime.clone()).spawn()?)
     }
 
     /// Waits until the API shows these nodes `ready`.
@@ -713,15 +798,33 @@ impl SimCluster {
     /// Starts a new agent on a node whose agent was stopped, on the same
     /// runtime (an agent upgrade: it finds what runs and adopts it).
     pub fn start_agent(&mut self, name: &str) -> anyhow::Result<()> {
-        let node = self
+        let runtime = self
             .nodes
             .get(name)
+            .with_context(|| format!("no node {name}"))?
+            .runtime
+            .clone();
+        self.start_agent_with(name, runtime)
+    }
+
+    /// Starts a new agent on a node whose agent was stopped, on a new
+    /// runtime (a `DockerRuntime` connected again, as after a restart of
+    /// the agent's process).
+    pub fn start_agent_with(
+        &mut self,
+        name: &str,
+        runtime: Arc<dyn Runtime>,
+    ) -> anyhow::Result<()> {
+        let node = self
+            .nodes
+            .get_mut(name)
             .with_context(|| format!("no node {name}"))?;
         if node.agent.is_some() {
             bail!("node {name} has an agent running");
         }
-        let address = node.runtime.config().address.clone();
-        let agent = self.agent_for(node, address)?;
+        node.runtime = runtime;
+        let node = &self.nodes[name];
+        let agent = self.agent_for(node)?;
         if let Some(node) = self.nodes.get_mut(name) {
             node.agent = Some(agent);
         }

@@ -250,3 +250,76 @@ async fn an_update_that_never_becomes_ready_leaves_the_old_revision_serving() {
     assert_eq!(old_up, N, "the old revision still serves: {now:#?}");
     cluster.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn scale_keeps_the_running_instances_and_restart_replaces_every_one() {
+    let cluster = SimCluster::start(&nodes_in_zones(6, &ZONES)).await.unwrap();
+    let admin = cluster.admin();
+    admin.apply(&app("web", "shop/web:1", 3)).await.unwrap();
+    let first = eventually!(CONVERGE, {
+        all_up(admin.instances("shop", "web").await.unwrap(), 3, Some(1))
+    });
+    let ids = |instances: &[Instance]| -> BTreeSet<String> {
+        instances.iter().map(|i| i.id.clone()).collect()
+    };
+
+    // Scale: the three stay, two more join.
+    let scale = |instances: u32| {
+        admin.call(
+            reqwest::Method::POST,
+            "/v1/projects/shop/apps/web/scale",
+            Some((
+                "application/json",
+                format!("{{\"instances\": {instances}}}"),
+            )),
+        )
+    };
+    scale(5).await.unwrap();
+    let scaled = eventually!(CONVERGE, {
+        all_up(admin.instances("shop", "web").await.unwrap(), 5, Some(2))
+    });
+    assert!(
+        ids(&first).is_subset(&ids(&scaled)),
+        "no instance was replaced"
+    );
+    let nodes = admin.get("/v1/nodes").await.unwrap();
+    let allocated = |field: &str| -> u64 {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["allocated"][field].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(allocated("instances"), 5, "{nodes}");
+    assert_eq!(allocated("cpu_millis"), 5 * 100, "the default 100m each");
+
+    // Restart: every one is replaced, by a rolling update.
+    let restarted = admin
+        .call(
+            reqwest::Method::POST,
+            "/v1/projects/shop/apps/web/restart",
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(restarted["revision"]["revision"], 3);
+    let replaced = eventually!(CONVERGE, {
+        all_up(admin.instances("shop", "web").await.unwrap(), 5, Some(3))
+    });
+    assert!(
+        ids(&replaced).is_disjoint(&ids(&scaled)),
+        "every instance was replaced"
+    );
+
+    // A scale after the restart keeps the restarted ones.
+    scale(4).await.unwrap();
+    let after = eventually!(CONVERGE, {
+        all_up(admin.instances("shop", "web").await.unwrap(), 4, Some(4))
+    });
+    assert!(
+        ids(&after).is_subset(&ids(&replaced)),
+        "the scale restarted nothing"
+    );
+    cluster.shutdown().await.unwrap();
+}

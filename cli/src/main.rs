@@ -1,12 +1,25 @@
 //! `keel`: one binary for every role of a Keel cloud.
 //!
-//! Today it has the controller (`keel server`); the agent, the router,
-//! `keel up` and the client verbs join it with their issues.
+//! - `keel server`: the controller;
+//! - the client verbs (`keel login`, `deploy`, `apps`, `ps`, ...) in
+//!   `client.rs`, over the API client in `api.rs`, with contexts kept in
+//!   `config.rs` and printing in `output.rs`.
 
 #![forbid(unsafe_code)]
 
+mod api;
+mod client;
+mod config;
+mod node_config;
+mod output;
+mod roles;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
+
+use client::Session;
+use output::Format;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -17,9 +30,16 @@ use keel_store::StoreConfig;
 #[command(
     name = "keel",
     version,
-    about = "Keel: a self-hosted container cloud in one binary"
+    about = "Keel: a self-hosted container cloud in one binary",
+    after_help = "Get started:\n  keel up                      # the whole cloud on this machine\n  keel deploy -f app.yaml      # deploy an app and wait until it serves\n  keel apps                    # what runs\n\nEnvironment: KEEL_URL and KEEL_TOKEN override the context; KEEL_CONFIG names the config file."
 )]
 struct Cli {
+    /// The cluster to talk to (see `keel context`); default: the current one.
+    #[arg(long, global = true, env = "KEEL_CONTEXT")]
+    context: Option<String>,
+    /// How to print results: tables for people, json or yaml for scripts.
+    #[arg(short, long, global = true, value_enum, default_value = "table")]
+    output: Format,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,6 +51,219 @@ enum Command {
         after_help = "Examples:\n  keel server\n  keel server --listen 0.0.0.0:7070 --data-dir /var/lib/keel\n  keel server --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379"
     )]
     Server(ServerArgs),
+    /// The whole cloud on this machine: controller (embedded store), agent
+    /// and router in one process.
+    #[command(
+        after_help = "Examples:\n  keel up\n  keel up --data-dir /tmp/keel --http 127.0.0.1:9080 --https off\n\nWrites the CLI context `local`, so `keel` commands work at once. Starting again on\nthe same data directory brings every app back."
+    )]
+    Up(roles::UpCommand),
+    /// Run a node's agent: join the cluster and run its instances in Docker.
+    #[command(
+        after_help = "Examples:\n  keel agent --controller http://10.0.0.1:7070 --join-token \"$(cat join.token)\" --name node-2 --zone b\n  keel agent --config /etc/keel/agent.toml\n  keel agent --controller URL --join-token T --roles worker,router --advertise-addr 10.0.0.7"
+    )]
+    Agent(roles::AgentCommand),
+    /// Run a router on its own: HTTP/HTTPS/TCP ingress for the cluster.
+    #[command(
+        after_help = "Examples:\n  keel router --controller http://10.0.0.1:7070 --token T --node edge-1\n  keel router --routes-file table.json --http 127.0.0.1:8080 --https off"
+    )]
+    Router(roles::RouterCommand),
+    /// Save a cluster's URL and token as a context and make it current.
+    #[command(
+        after_help = "Examples:\n  keel login http://127.0.0.1:7070 --token \"$(cat /var/lib/keel/admin.token)\"\n  keel login https://keel.example.com --token T --name prod"
+    )]
+    Login {
+        /// The controller's API URL.
+        url: String,
+        /// An admin token.
+        #[arg(long, env = "KEEL_TOKEN")]
+        token: String,
+        /// The context's name (default: the URL's host and port).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List, switch or remove the clusters this CLI knows.
+    #[command(
+        after_help = "Examples:\n  keel context\n  keel context use prod\n  keel context rm old-lab"
+    )]
+    Context {
+        #[command(subcommand)]
+        action: Option<ContextAction>,
+    },
+    /// Deploy an app from its manifest and follow the rollout until it serves.
+    #[command(
+        after_help = "Examples:\n  keel deploy -f app.yaml\n  keel deploy -f app.json --timeout 10m\n  cat app.yaml | keel deploy -f - --no-wait\n\nExits non-zero with the reason when the rollout fails or times out."
+    )]
+    Deploy {
+        /// The manifest, YAML or JSON (`-` for standard input).
+        #[arg(short, long)]
+        file: PathBuf,
+        /// Return once the revision is recorded, without following the rollout.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to follow the rollout before giving up, e.g. 90s, 5m.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// List apps with their revision and ready instances.
+    #[command(after_help = "Examples:\n  keel apps\n  keel apps --project shop -o json")]
+    Apps {
+        #[arg(short, long)]
+        project: Option<String>,
+    },
+    /// Show one app.
+    #[command(
+        after_help = "Examples:\n  keel app show web\n  keel app show web --project shop -o yaml"
+    )]
+    App {
+        #[command(subcommand)]
+        action: AppAction,
+    },
+    /// List instances: where they run, their state, restarts and address.
+    #[command(after_help = "Examples:\n  keel ps\n  keel ps web\n  keel ps --project shop -o json")]
+    Ps {
+        app: Option<String>,
+        #[arg(short, long)]
+        project: Option<String>,
+    },
+    /// Set an app's instance count (a new revision; rolled out as an update).
+    #[command(
+        after_help = "Examples:\n  keel scale web 5\n  keel scale web 0    # keep the app, stop its instances"
+    )]
+    Scale {
+        app: String,
+        #[arg(value_parser = clap::value_parser!(u32).range(0..=1000))]
+        instances: u32,
+        #[arg(short, long)]
+        project: Option<String>,
+    },
+    /// Replace every instance, a few at a time, as an update would.
+    #[command(after_help = "Examples:\n  keel restart web\n  keel restart web --no-wait")]
+    Restart {
+        app: String,
+        #[arg(short, long)]
+        project: Option<String>,
+        /// Return once the revision is recorded.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to follow the rollout, e.g. 90s, 5m.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Deploy an earlier revision's manifest again (default: the one before).
+    #[command(after_help = "Examples:\n  keel rollback web\n  keel rollback web 3")]
+    Rollback {
+        app: String,
+        revision: Option<u64>,
+        #[arg(short, long)]
+        project: Option<String>,
+    },
+    /// Print an app's logs, from all its instances.
+    #[command(after_help = "Examples:\n  keel logs web\n  keel logs web -f --tail 20")]
+    Logs {
+        app: String,
+        /// Keep printing new lines as they are written.
+        #[arg(short, long)]
+        follow: bool,
+        /// Lines from the end of each instance's log.
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+        #[arg(short, long)]
+        project: Option<String>,
+    },
+    /// Delete an app: its instances stop and its routes go.
+    #[command(after_help = "Examples:\n  keel rm web\n  keel rm web --project shop")]
+    Rm {
+        app: String,
+        #[arg(short, long)]
+        project: Option<String>,
+    },
+    /// List the cluster's nodes.
+    #[command(after_help = "Examples:\n  keel nodes\n  keel nodes -o json")]
+    Nodes,
+    /// Show, drain or undrain a node.
+    #[command(
+        after_help = "Examples:\n  keel node show node-1\n  keel node drain node-1\n  keel node undrain node-1"
+    )]
+    Node {
+        #[command(subcommand)]
+        action: NodeAction,
+    },
+    /// List the route table: host names, paths and where they go.
+    #[command(after_help = "Examples:\n  keel routes\n  keel routes -o yaml")]
+    Routes,
+    /// List what happened and why: placements, replacements, failures.
+    #[command(after_help = "Examples:\n  keel events\n  keel events web --limit 20")]
+    Events {
+        app: Option<String>,
+        #[arg(short, long)]
+        project: Option<String>,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: u32,
+    },
+    /// List projects (tenants) and how many apps each has.
+    #[command(after_help = "Examples:\n  keel projects")]
+    Projects,
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  keel completions bash > /etc/bash_completion.d/keel\n  keel completions zsh > \"${fpath[1]}/_keel\""
+    )]
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Subcommand)]
+enum ContextAction {
+    /// List contexts (the default).
+    Ls,
+    /// Make a context current.
+    Use { name: String },
+    /// Forget a context.
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum AppAction {
+    /// An app's revision, instances, routes, history and events.
+    Show {
+        app: String,
+        #[arg(short, long)]
+        project: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeAction {
+    /// A node's labels, capacity and instances.
+    Show { node: String },
+    /// Move a node's instances elsewhere and place nothing new on it.
+    Drain { node: String },
+    /// Let a drained node take instances again.
+    Undrain { node: String },
+}
+
+/// `90s`, `5m`, `1h`, `1500ms`: the manifest's duration syntax.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| text.split_at(i))
+        .ok_or_else(|| format!("{text:?} has no unit: write 90s, 5m or 1h"))?;
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: write 90s, 5m or 1h"))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(value),
+        "s" => Duration::from_secs(value),
+        "m" => Duration::from_secs(value * 60),
+        "h" => Duration::from_secs(value * 3600),
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    if duration.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(duration)
 }
 
 #[derive(Debug, clap::Args)]
@@ -52,7 +285,7 @@ struct ServerArgs {
 }
 
 /// `/var/lib/keel` for root (a service), `~/.local/share/keel` otherwise.
-fn default_data_dir() -> PathBuf {
+pub(crate) fn default_data_dir() -> PathBuf {
     let home = std::env::var_os("HOME").map(PathBuf::from);
     match home {
         Some(home) if home != std::path::Path::new("/root") => home.join(".local/share/keel"),
@@ -67,6 +300,7 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -86,12 +320,92 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let format = cli.output;
+    let context = cli.context.as_deref();
+    let session = || Session::open(context, format);
     match cli.command {
         Command::Server(args) => server(args).await,
+        Command::Up(command) => roles::up(command).await,
+        Command::Agent(command) => roles::agent(command).await,
+        Command::Router(command) => roles::router(command).await,
+        Command::Login { url, token, name } => client::login(&url, &token, name).await,
+        Command::Context { action } => match action.unwrap_or(ContextAction::Ls) {
+            ContextAction::Ls => client::contexts(format),
+            ContextAction::Use { name } => client::use_context(&name),
+            ContextAction::Rm { name } => client::remove_context(&name),
+        },
+        Command::Deploy {
+            file,
+            no_wait,
+            timeout,
+        } => {
+            let options = client::DeployOptions {
+                file,
+                wait: !no_wait,
+                timeout,
+            };
+            client::deploy(&session()?, options).await
+        }
+        Command::Apps { project } => client::apps(&session()?, project.as_deref()).await,
+        Command::App {
+            action: AppAction::Show { app, project },
+        } => client::app_show(&session()?, &app, project.as_deref()).await,
+        Command::Ps { app, project } => {
+            client::ps(&session()?, app.as_deref(), project.as_deref()).await
+        }
+        Command::Scale {
+            app,
+            instances,
+            project,
+        } => client::scale(&session()?, &app, project.as_deref(), instances).await,
+        Command::Restart {
+            app,
+            project,
+            no_wait,
+            timeout,
+        } => {
+            let options = client::WaitOptions {
+                wait: !no_wait,
+                timeout,
+            };
+            client::restart(&session()?, &app, project.as_deref(), options).await
+        }
+        Command::Rollback {
+            app,
+            revision,
+            project,
+        } => client::rollback(&session()?, &app, project.as_deref(), revision).await,
+        Command::Logs {
+            app,
+            follow,
+            tail,
+            project,
+        } => client::logs(&session()?, &app, project.as_deref(), follow, tail).await,
+        Command::Rm { app, project } => client::remove(&session()?, &app, project.as_deref()).await,
+        Command::Nodes => client::nodes(&session()?).await,
+        Command::Node { action } => match action {
+            NodeAction::Show { node } => client::node_show(&session()?, &node).await,
+            NodeAction::Drain { node } => client::node_drain(&session()?, &node, true).await,
+            NodeAction::Undrain { node } => client::node_drain(&session()?, &node, false).await,
+        },
+        Command::Routes => client::routes(&session()?).await,
+        Command::Events {
+            app,
+            project,
+            limit,
+        } => client::events(&session()?, app.as_deref(), project.as_deref(), limit).await,
+        Command::Projects => client::projects(&session()?).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "keel", &mut std::io::stdout());
+            Ok(())
+        }
     }
 }
 
 async fn server(args: ServerArgs) -> anyhow::Result<()> {
+    // Before anything is printed: whoever reads the URL may signal at once.
+    let stop = Stop::install()?;
     let store = (!args.etcd.is_empty()).then(|| StoreConfig::etcd(args.etcd.clone()));
     let mut config = ServerConfig::new(args.listen, args.data_dir.clone());
     config.store = store;
@@ -113,17 +427,36 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         ),
         None => println!("Join token: in {}", server.join_token_file.display()),
     }
-    wait_for_signal().await?;
+    println!(
+        "Console: http://{}/ (sign in with the admin token)",
+        server.addr
+    );
+    stop.wait().await?;
     println!("Stopping: finishing requests in flight");
     server.shutdown().await
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("cannot watch Ctrl-C")?,
-        _ = terminate.recv() => {}
+/// SIGTERM or Ctrl-C, watched from the moment it is installed.
+#[derive(Debug)]
+struct Stop {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot watch Ctrl-C")?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+        Ok(())
+    }
 }

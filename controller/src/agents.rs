@@ -65,12 +65,55 @@ pub struct InstanceView {
     pub reason: Option<String>,
     /// Port name to the address it is published on.
     pub ports: BTreeMap<String, String>,
+    /// CPU in use, in thousandths of a core, as its agent last sampled it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u64>,
+    /// Memory in use, in bytes (without the page cache), as last sampled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Agents {
     store: Arc<dyn Store>,
     fanout: Arc<tokio::sync::Mutex<Option<Arc<Fanout>>>>,
+    /// Log requests sent to agents and not yet answered, by request id.
+    logs: Arc<std::sync::Mutex<BTreeMap<String, PendingLog>>>,
+}
+
+/// How long an agent has to start answering a log request.
+pub const LOG_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[derive(Debug)]
+struct PendingLog {
+    node: String,
+    sink: mpsc::Sender<bytes::Bytes>,
+}
+
+/// One instance's part of a log request: the raw bytes its agent sends,
+/// until the agent's answer ends (or the node never answers).
+#[derive(Debug)]
+pub struct LogPart {
+    pub instance: InstanceRef,
+    pub node: String,
+    pub bytes: mpsc::Receiver<bytes::Bytes>,
+}
+
+/// Forgets the log requests of a client that went away, so that their
+/// agents' answers are refused and they stop reading.
+#[derive(Debug)]
+pub struct LogRequests {
+    ids: Vec<String>,
+    registry: Arc<std::sync::Mutex<BTreeMap<String, PendingLog>>>,
+}
+
+impl Drop for LogRequests {
+    fn drop(&mut self) {
+        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        for id in &self.ids {
+            registry.remove(id);
+        }
+    }
 }
 
 /// One store watch on all instances, fanned out to the nodes' streams.
@@ -279,12 +322,20 @@ impl Index {
     /// Sends to the node's streams; a stream that is gone, or too slow to
     /// take 64 messages, is dropped (its agent reconnects for a snapshot).
     fn send(&mut self, node: &str, message: StreamMessage) {
-        if let Some(senders) = self.subscribers.get_mut(node) {
-            senders.retain(|tx| tx.try_send(message.clone()).is_ok());
-            if senders.is_empty() {
-                self.subscribers.remove(node);
-            }
+        self.send_counted(node, message);
+    }
+
+    /// As [`Index::send`]; says how many streams took it.
+    fn send_counted(&mut self, node: &str, message: StreamMessage) -> usize {
+        let Some(senders) = self.subscribers.get_mut(node) else {
+            return 0;
+        };
+        senders.retain(|tx| tx.try_send(message.clone()).is_ok());
+        let sent = senders.len();
+        if senders.is_empty() {
+            self.subscribers.remove(node);
         }
+        sent
     }
 }
 
@@ -312,6 +363,102 @@ impl Agents {
         Self {
             store,
             fanout: Arc::default(),
+            logs: Arc::default(),
+        }
+    }
+
+    /// Asks the agents of an app's placed instances for their logs (on
+    /// their nodes' instance streams) and returns one part per instance,
+    /// and the guard that withdraws the requests when dropped. A node
+    /// without a stream, or one that does not answer within
+    /// [`LOG_ANSWER_TIMEOUT`], gives a part with one line that says so.
+    pub async fn request_logs(
+        &self,
+        project: &str,
+        app: &str,
+        tail: Option<u32>,
+        follow: bool,
+    ) -> Result<(Vec<LogPart>, LogRequests), ApiError> {
+        let records: Vec<(InstanceRecord, _)> = list_records(
+            self.store.as_ref(),
+            &instance_keys::instances(Some((project, app))),
+        )
+        .await?;
+        let fanout = self.fanout().await?;
+        let mut parts = Vec::new();
+        let mut ids = Vec::new();
+        for (record, _) in records {
+            let Some(node) = record.node.clone() else {
+                continue;
+            };
+            let instance = instance_ref(&record);
+            let id =
+                crate::auth::new_token("logs").map_err(|e| ApiError::Internal(e.to_string()))?;
+            // Small: an agent's answer waits for the client to read.
+            let (sink, bytes) = mpsc::channel(16);
+            self.logs.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                id.clone(),
+                PendingLog {
+                    node: node.clone(),
+                    sink: sink.clone(),
+                },
+            );
+            ids.push(id.clone());
+            let request = StreamMessage::Logs(keel_protocol::LogRequest {
+                request: id.clone(),
+                instance: instance.clone(),
+                tail,
+                follow,
+            });
+            let sent = fanout.lock().send_counted(&node, request);
+            let registry = self.logs.clone();
+            if sent == 0 {
+                registry
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                let _ = sink.try_send(bytes::Bytes::from(format!(
+                    "keel: node {node} is not connected\n"
+                )));
+            } else {
+                tokio::spawn(async move {
+                    tokio::time::sleep(LOG_ANSWER_TIMEOUT).await;
+                    let unanswered = registry
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
+                    if let Some(pending) = unanswered {
+                        let _ = pending.sink.try_send(bytes::Bytes::from(format!(
+                            "keel: node {} did not answer within {} s\n",
+                            pending.node,
+                            LOG_ANSWER_TIMEOUT.as_secs()
+                        )));
+                    }
+                });
+            }
+            parts.push(LogPart {
+                instance,
+                node,
+                bytes,
+            });
+        }
+        Ok((
+            parts,
+            LogRequests {
+                ids,
+                registry: self.logs.clone(),
+            },
+        ))
+    }
+
+    /// Where a node's answer to a log request goes; `None` when there is
+    /// no such request for that node (answered already, withdrawn because
+    /// its client went away, or never made).
+    pub fn log_answer(&self, node: &str, request: &str) -> Option<mpsc::Sender<bytes::Bytes>> {
+        let mut registry = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        match registry.get(request) {
+            Some(pending) if pending.node == node => registry.remove(request).map(|p| p.sink),
+            _ => None,
         }
     }
 
@@ -421,6 +568,8 @@ impl Agents {
                     exit_code: reported.and_then(|s| s.status.exit_code),
                     reason: reported.and_then(|s| s.status.reason.clone()),
                     ports: reported.map(|s| s.status.ports.clone()).unwrap_or_default(),
+                    cpu_millis: reported.and_then(|s| s.status.cpu_millis),
+                    memory_bytes: reported.and_then(|s| s.status.memory_bytes),
                     project: record.project,
                     app: record.app,
                     id: record.id,

@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use keel_manifest::AppManifest;
+use keel_manifest::{AppManifest, Instances};
 use keel_store::{Compare, CompareOp, KeyValue, Op, RangeRequest, Revision, Store, Txn};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -113,6 +113,25 @@ fn event(project: &str, app: Option<&str>, reason: &str, message: String) -> Eve
         reason: reason.to_owned(),
         message,
     }
+}
+
+/// What an apply expects of the revision the app is at.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// Nothing.
+    Any,
+    /// Exactly this one (0: no app yet); another is the caller's conflict
+    /// (the user's `expected_revision`).
+    Exactly(u64),
+    /// The one the change was derived from (scale, restart); another means
+    /// a write won the race, and the change is derived again.
+    Base(u64),
+}
+
+fn busy(project: &str, name: &str) -> ApiError {
+    ApiError::Conflict(format!(
+        "app {project}/{name} is being changed by others; try again"
+    ))
 }
 
 impl Apps {
@@ -232,45 +251,116 @@ impl Apps {
         expected: Option<u64>,
     ) -> Result<Applied, ApiError> {
         self.create_project(&manifest.project).await?;
+        let expect = expected.map_or(Expect::Any, Expect::Exactly);
         for _ in 0..CAS_ATTEMPTS {
-            if let Some(applied) = self.try_apply(&manifest, expected).await? {
+            if let Some(applied) = self
+                .try_apply(&manifest, expect, RevisionCause::Apply)
+                .await?
+            {
                 return Ok(applied);
             }
         }
-        Err(ApiError::Conflict(format!(
-            "app {}/{} is being changed by others; try again",
-            manifest.project, manifest.name
-        )))
+        Err(busy(&manifest.project, &manifest.name))
+    }
+
+    /// Changes only the app's instance count, as a new revision (none when
+    /// the count is already `instances`). Instances that run stay: the
+    /// reconciler adopts them, since their template is unchanged.
+    pub async fn scale(
+        &self,
+        project: &str,
+        name: &str,
+        instances: u64,
+    ) -> Result<Applied, ApiError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (app, _) = self.app_kv(project, name).await?;
+            let current = self.revision(project, name, app.revision).await?;
+            if current.manifest.instances == Instances::Global {
+                return Err(ApiError::Unprocessable(format!(
+                    "app {project}/{name} is global: it runs one instance on every node its placement matches, so it has no count to scale"
+                )));
+            }
+            // Through the manifest's own validator, so that the limits and
+            // their words are the manifest's.
+            let mut json = serde_json::to_value(&current.manifest)
+                .map_err(|e| ApiError::Internal(format!("cannot encode the manifest: {e}")))?;
+            json["instances"] = instances.into();
+            let manifest = keel_manifest::parse(&json.to_string(), keel_manifest::Format::Json)
+                .map_err(|errors| {
+                    ApiError::Invalid(
+                        errors
+                            .into_problems()
+                            .into_iter()
+                            .map(|p| FieldProblem::new(p.path, p.message))
+                            .collect(),
+                    )
+                })?;
+            let Instances::Count(count) = manifest.instances else {
+                return Err(ApiError::Internal("a scaled manifest is global".into()));
+            };
+            let cause = RevisionCause::Scale { instances: count };
+            if let Some(applied) = self
+                .try_apply(&manifest, Expect::Base(app.revision), cause)
+                .await?
+            {
+                return Ok(applied);
+            }
+        }
+        Err(busy(project, name))
+    }
+
+    /// A rolling restart: a new revision with the same manifest whose
+    /// instances replace every running one, under the app's update strategy.
+    pub async fn restart(&self, project: &str, name: &str) -> Result<Applied, ApiError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (app, _) = self.app_kv(project, name).await?;
+            let current = self.revision(project, name, app.revision).await?;
+            if let Some(applied) = self
+                .try_apply(
+                    &current.manifest,
+                    Expect::Base(app.revision),
+                    RevisionCause::Restart,
+                )
+                .await?
+            {
+                return Ok(applied);
+            }
+        }
+        Err(busy(project, name))
     }
 
     /// One compare-and-swap attempt; `None` when another write won the race.
     async fn try_apply(
         &self,
         manifest: &AppManifest,
-        expected: Option<u64>,
+        expect: Expect,
+        cause: RevisionCause,
     ) -> Result<Option<Applied>, ApiError> {
         let (project, name) = (manifest.project.as_str(), manifest.name.as_str());
         let app_key = keys::app(project, name);
         let now = now_ms();
         let mut current_manifest = None;
         let existing = self.store.get(&app_key).await?;
-        if let Some(expected) = expected {
-            let at = match &existing {
-                Some(kv) => decode::<AppRecord>(kv)?.revision,
-                None => 0,
-            };
-            if at != expected {
+        let at = match &existing {
+            Some(kv) => decode::<AppRecord>(kv)?.revision,
+            None => 0,
+        };
+        match expect {
+            Expect::Exactly(expected) if at != expected => {
                 return Err(ApiError::Conflict(format!(
                     "stale revision: app {project}/{name} is at revision {at}, not {expected}; fetch it and apply again"
                 )));
             }
+            Expect::Base(base) if at != base => return Ok(None),
+            _ => {}
         }
-        let (app, compare, created) = match existing {
+        let restart = cause == RevisionCause::Restart;
+        let (app, compare, created, restarts) = match existing {
             Some(kv) => {
                 let app: AppRecord = decode(&kv)?;
                 let current = self.revision(project, name, app.revision).await?;
                 current_manifest = Some(current.manifest.clone());
-                if current.manifest.canonical_json() == manifest.canonical_json() {
+                if !restart && current.manifest.canonical_json() == manifest.canonical_json() {
                     return Ok(Some(Applied {
                         app,
                         revision: current,
@@ -279,7 +369,8 @@ impl Apps {
                     }));
                 }
                 let compare = Compare::mod_revision(&app_key, CompareOp::Equal, kv.mod_revision);
-                (app, compare, false)
+                let restarts = current.restarts + u64::from(restart);
+                (app, compare, false, restarts)
             }
             None => {
                 let app = AppRecord {
@@ -290,22 +381,10 @@ impl Apps {
                     created_at_ms: now,
                     updated_at_ms: now,
                 };
-                (app, Compare::missing(&app_key), true)
+                (app, Compare::missing(&app_key), true, 0)
             }
         };
         let number = app.latest_revision + 1;
-        let revision = RevisionRecord {
-            revision: number,
-            created_at_ms: now,
-            cause: RevisionCause::Apply,
-            manifest: manifest.clone(),
-        };
-        let app = AppRecord {
-            revision: number,
-            latest_revision: number,
-            updated_at_ms: now,
-            ..app
-        };
         let mut events = Vec::new();
         if created {
             events.push(event(
@@ -315,15 +394,44 @@ impl Apps {
                 format!("app {project}/{name} created"),
             ));
         }
-        events.push(event(
-            project,
-            Some(name),
-            "revision-created",
-            format!(
-                "revision {number} of {project}/{name} created (image {})",
-                manifest.image
+        events.push(match &cause {
+            RevisionCause::Scale { instances } => event(
+                project,
+                Some(name),
+                "scaled",
+                format!(
+                    "app {project}/{name} scaled to {instances} instances as revision {number}"
+                ),
             ),
-        ));
+            RevisionCause::Restart => event(
+                project,
+                Some(name),
+                "restart",
+                format!("rolling restart of app {project}/{name} as revision {number}"),
+            ),
+            _ => event(
+                project,
+                Some(name),
+                "revision-created",
+                format!(
+                    "revision {number} of {project}/{name} created (image {})",
+                    manifest.image
+                ),
+            ),
+        });
+        let revision = RevisionRecord {
+            revision: number,
+            created_at_ms: now,
+            cause,
+            manifest: manifest.clone(),
+            restarts,
+        };
+        let app = AppRecord {
+            revision: number,
+            latest_revision: number,
+            updated_at_ms: now,
+            ..app
+        };
         let (mut compares, mut ops) = self
             .claim_routes(project, name, current_manifest.as_ref(), Some(manifest))
             .await?;
@@ -432,6 +540,7 @@ impl Apps {
                     to_revision: target,
                 },
                 manifest: old.manifest,
+                restarts: current.restarts,
             };
             let app = AppRecord {
                 revision: number,
@@ -467,9 +576,7 @@ impl Apps {
                 });
             }
         }
-        Err(ApiError::Conflict(format!(
-            "app {project}/{name} is being changed by others; try again"
-        )))
+        Err(busy(project, name))
     }
 
     /// Deletes an app and its revisions.

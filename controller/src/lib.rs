@@ -13,6 +13,8 @@ pub mod api;
 pub mod apps;
 pub mod auth;
 pub mod certs;
+pub mod changes;
+pub mod console;
 pub mod instances;
 pub mod nodes;
 pub mod reconcile;
@@ -97,6 +99,7 @@ impl Server {
             agents: agents::Agents::new(store.clone()),
             routes: routes::Routes::new(store.clone()),
             certs: certs::Certs::new(store.clone()),
+            changes: changes::Changes::new(store.clone()),
             auth: Arc::new(auth),
             stopping: stopping_rx,
         };

@@ -18,6 +18,7 @@ use tokio::sync::Mutex;
 use crate::api::{ApiError, FieldProblem};
 use crate::apps::{check_name, decode, encode, list_records};
 use crate::auth::{new_token, sha256_hex};
+use crate::instances::{InstanceRecord, keys as instance_keys};
 use crate::records::{NodeCapacity, NodeRecord, keys, now_ms};
 
 pub use keel_protocol::Registration;
@@ -32,11 +33,26 @@ pub struct NodeView {
     pub labels: BTreeMap<String, String>,
     pub roles: Vec<String>,
     pub capacity: NodeCapacity,
+    /// What the instances placed on the node reserve, against `capacity`.
+    /// Absent from the answers to heartbeats and registrations, which are
+    /// too frequent to count every instance for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub allocated: Option<Allocation>,
     pub address: String,
     /// `ready`, `draining` or `lost`.
     #[schema(schema_with = crate::api::openapi::node_status)]
     pub status: &'static str,
     pub registered_at_ms: u64,
+}
+
+/// What the instances placed on a node reserve, in the units of its
+/// capacity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Allocation {
+    pub cpu_millis: u64,
+    pub memory_mb: u64,
+    pub instances: u32,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -160,7 +176,9 @@ impl Nodes {
             )));
         }
         self.heartbeat_alive(&record.name).await?;
-        let node = self.view(record).await?;
+        // Without the allocation: a fleet registering at once must not
+        // read every instance once per node.
+        let node = view(record, true, None);
         Ok(Registered { node, token })
     }
 
@@ -211,7 +229,20 @@ impl Nodes {
 
     async fn view(&self, record: NodeRecord) -> Result<NodeView, ApiError> {
         let alive = self.store.get(&keys::alive(&record.name)).await?.is_some();
-        Ok(view(record, alive))
+        let allocated = allocations(self.store.as_ref())
+            .await?
+            .remove(&record.name)
+            .unwrap_or_default();
+        Ok(view(record, alive, Some(allocated)))
+    }
+
+    /// The node without its allocation, which costs a read of every
+    /// instance: for answers to heartbeats.
+    pub async fn show_brief(&self, name: &str) -> Result<NodeView, ApiError> {
+        check_name("node", name)?;
+        let record = self.record(name).await?;
+        let alive = self.store.get(&keys::alive(&record.name)).await?.is_some();
+        Ok(view(record, alive, None))
     }
 
     pub async fn show(&self, name: &str) -> Result<NodeView, ApiError> {
@@ -224,11 +255,13 @@ impl Nodes {
         let alive = alive_nodes(self.store.as_ref()).await?;
         let records: Vec<(NodeRecord, _)> =
             list_records(self.store.as_ref(), &keys::nodes()).await?;
+        let mut allocated = allocations(self.store.as_ref()).await?;
         Ok(records
             .into_iter()
             .map(|(record, _)| {
                 let is_alive = alive.contains(&record.name);
-                view(record, is_alive)
+                let allocated = allocated.remove(&record.name).unwrap_or_default();
+                view(record, is_alive, Some(allocated))
             })
             .collect())
     }
@@ -275,7 +308,23 @@ pub(crate) async fn alive_nodes(
         .collect())
 }
 
-fn view(record: NodeRecord, alive: bool) -> NodeView {
+/// What the instances placed on each node reserve, by node.
+async fn allocations(store: &dyn Store) -> Result<BTreeMap<String, Allocation>, ApiError> {
+    let instances: Vec<(InstanceRecord, _)> =
+        list_records(store, &instance_keys::instances(None)).await?;
+    let mut by_node: BTreeMap<String, Allocation> = BTreeMap::new();
+    for (instance, _) in instances {
+        if let Some(node) = instance.node {
+            let allocation = by_node.entry(node).or_default();
+            allocation.cpu_millis += instance.cpu_millis;
+            allocation.memory_mb += instance.memory_mb;
+            allocation.instances += 1;
+        }
+    }
+    Ok(by_node)
+}
+
+fn view(record: NodeRecord, alive: bool, allocated: Option<Allocation>) -> NodeView {
     let status = match (alive, record.draining) {
         (false, _) => "lost",
         (true, true) => "draining",
@@ -288,6 +337,7 @@ fn view(record: NodeRecord, alive: bool) -> NodeView {
         labels: record.labels,
         roles: record.roles.into_iter().collect(),
         capacity: record.capacity,
+        allocated,
         address: record.address,
         status,
         registered_at_ms: record.registered_at_ms,

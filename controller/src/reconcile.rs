@@ -105,12 +105,15 @@ pub struct AppHealth {
 
 /// What an instance runs: the manifest without the count and the update
 /// strategy, which change how many run and how they are replaced, not what
-/// each one is. Two revisions with one template run the same instances.
-pub fn template(manifest: &AppManifest) -> Vec<u8> {
-    let mut manifest = manifest.clone();
+/// each one is, plus the revision's restart count, which a rolling restart
+/// increments. Two revisions with one template run the same instances.
+pub fn template(revision: &RevisionRecord) -> Vec<u8> {
+    let mut manifest = revision.manifest.clone();
     manifest.instances = Instances::Count(0);
     manifest.update = keel_manifest::Update::default();
-    manifest.canonical_json()
+    let mut bytes = manifest.canonical_json();
+    bytes.extend_from_slice(format!("\nrestarts={}", revision.restarts).as_bytes());
+    bytes
 }
 
 /// The newest events kept; older ones are pruned every minute.
@@ -831,7 +834,7 @@ impl Reconciler {
         for (app, revision) in &with_revisions {
             templates.insert(
                 (app.project.clone(), app.name.clone(), app.revision),
-                template(&revision.manifest),
+                template(revision),
             );
         }
         for (instance, _) in &instances {
@@ -846,7 +849,7 @@ impl Reconciler {
             let revision = store.get(&keys::revision(&key.0, &key.1, key.2)).await?;
             if let Some(kv) = revision {
                 let revision: RevisionRecord = decode(&kv)?;
-                templates.insert(key, template(&revision.manifest));
+                templates.insert(key, template(&revision));
             }
         }
         Ok(Snapshot {

@@ -125,8 +125,15 @@ pub struct AppRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "snake_case", tag = "kind")]
 pub enum RevisionCause {
+    /// A manifest was applied.
     Apply,
+    /// An older revision's manifest was deployed again.
     Rollback { to_revision: u64 },
+    /// Only the instance count changed (`POST .../scale`).
+    Scale { instances: u32 },
+    /// A rolling restart: the same manifest, every instance replaced
+    /// (`POST .../restart`).
+    Restart,
 }
 
 /// One immutable revision of an app.
@@ -138,6 +145,17 @@ pub struct RevisionRecord {
     pub cause: RevisionCause,
     #[schema(value_type = crate::api::openapi::AppManifest)]
     pub manifest: AppManifest,
+    /// How many rolling restarts the app had when this revision was made.
+    /// Part of what an instance runs (see `reconcile::template`): a restart
+    /// increments it, so no instance of an earlier revision is adopted and
+    /// every one is replaced; every other change carries it over.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schema(nullable = false)]
+    pub restarts: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

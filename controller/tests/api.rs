@@ -1008,3 +1008,197 @@ async fn a_quiet_stream_sends_keepalive_lines() {
     }
     assert!(received.starts_with("{\"snapshot\""), "{received:?}");
 }
+
+#[tokio::test]
+async fn scale_changes_only_the_count_and_refuses_bad_counts_changing_nothing() {
+    let h = Harness::start().await;
+    assert_eq!(h.apply(APP).await.0, StatusCode::CREATED);
+    let scale = |body: &'static str| {
+        h.call(
+            Method::POST,
+            "/v1/projects/shop/apps/web/scale",
+            Some(("application/json", body)),
+        )
+    };
+
+    let (status, body) = scale(r#"{"instances": 5}"#).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["changed"], true);
+    assert_eq!(body["revision"]["revision"], 2);
+    assert_eq!(
+        body["revision"]["cause"],
+        serde_json::json!({"kind": "scale", "instances": 5})
+    );
+    assert_eq!(body["revision"]["manifest"]["instances"], 5);
+    assert_eq!(
+        body["revision"]["manifest"]["image"], "keel/test-server:1",
+        "the rest of the manifest is the current one's"
+    );
+    let (_, again) = scale(r#"{"instances": 5}"#).await;
+    assert_eq!(again["changed"], false, "the same count is no new revision");
+
+    for (input, path, words) in [
+        (r#"{"instances": 5000}"#, "instances", "must be 0..1000"),
+        (r#"{"instances": -1}"#, "instances", "whole number"),
+        (r#"{"instances": 2.5}"#, "instances", "whole number"),
+        (r#"{"instances": "3"}"#, "instances", "whole number"),
+        (r#"{"count": 3}"#, "body", "unknown field `count`"),
+        (r#"{}"#, "body", "missing field `instances`"),
+        ("", "body", "EOF"),
+    ] {
+        let (status, body) = scale(input).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{input}: {body}");
+        assert_eq!(body["problems"][0]["path"], path, "{input}: {body}");
+        let message = body["problems"][0]["message"].as_str().unwrap();
+        assert!(message.contains(words), "{input}: {message}");
+    }
+    let (status, _) = h
+        .call(
+            Method::POST,
+            "/v1/projects/shop/apps/nope/scale",
+            Some(("application/json", r#"{"instances": 1}"#)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (_, view) = h.get("/v1/projects/shop/apps/web").await;
+    assert_eq!(view["app"]["revision"], 2, "bad input made no revision");
+    assert_eq!(view["revision"]["manifest"]["instances"], 5);
+
+    let global = "name: agent\nproject: shop\nimage: keel/agent:1\nglobal: true\n";
+    assert_eq!(h.apply(global).await.0, StatusCode::CREATED);
+    let (status, body) = h
+        .call(
+            Method::POST,
+            "/v1/projects/shop/apps/agent/scale",
+            Some(("application/json", r#"{"instances": 3}"#)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("is global"));
+}
+
+#[tokio::test]
+async fn restart_makes_a_revision_with_the_same_manifest_and_later_changes_keep_it() {
+    let h = Harness::start().await;
+    h.apply(APP).await;
+    let (status, body) = h
+        .call(Method::POST, "/v1/projects/shop/apps/web/restart", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["revision"]["revision"], 2);
+    assert_eq!(body["revision"]["cause"]["kind"], "restart");
+    assert_eq!(body["revision"]["restarts"], 1);
+    let (_, first) = h.get("/v1/projects/shop/apps/web/revisions/1").await;
+    assert_eq!(body["revision"]["manifest"], first["manifest"]);
+
+    // A later scale carries the restart count: it must not restart again.
+    let (_, scaled) = h
+        .call(
+            Method::POST,
+            "/v1/projects/shop/apps/web/scale",
+            Some(("application/json", r#"{"instances": 3}"#)),
+        )
+        .await;
+    assert_eq!(scaled["revision"]["restarts"], 1);
+    let (status, _) = h
+        .call(Method::POST, "/v1/projects/shop/apps/nope/restart", None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = h
+        .call(Method::POST, "/v1/projects/Shop/apps/web/restart", None)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+/// Reads the next non-blank line of a stream (10 s at most).
+async fn next_line(response: &mut reqwest::Response, buffer: &mut String) -> Value {
+    let mut line = Value::Null;
+    read_stream(response, buffer, |value| {
+        line = value.clone();
+        true
+    })
+    .await;
+    line
+}
+
+#[tokio::test]
+async fn the_change_feed_names_what_changed_and_ends_when_the_controller_stops() {
+    let mut h = Harness::start().await;
+    let mut stream = h
+        .client
+        .get(format!("http://{}/v1/watch", h.addr()))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    let mut buffer = String::new();
+    let first = next_line(&mut stream, &mut buffer).await;
+    assert_eq!(first["changed"], serde_json::json!([]), "{first}");
+
+    h.apply(APP).await;
+    let mut seen = std::collections::BTreeSet::new();
+    while !seen.contains("apps") {
+        let message = next_line(&mut stream, &mut buffer).await;
+        assert!(message["revision"].as_i64().unwrap() > first["revision"].as_i64().unwrap());
+        for kind in message["changed"].as_array().unwrap() {
+            seen.insert(kind.as_str().unwrap().to_owned());
+        }
+    }
+    h.register("n1", "eu-a").await;
+    while !seen.contains("nodes") {
+        let message = next_line(&mut stream, &mut buffer).await;
+        for kind in message["changed"].as_array().unwrap() {
+            seen.insert(kind.as_str().unwrap().to_owned());
+        }
+    }
+
+    let server = h.server.take().unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), server.shutdown())
+        .await
+        .expect("the stop does not wait on the open feed")
+        .unwrap();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            match stream.chunk().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(matches!(end, Ok(None) | Err(_)), "the feed ended: {end:?}");
+}
+
+#[tokio::test]
+async fn the_console_is_served_without_a_token_and_loads_nothing_from_elsewhere() {
+    let h = Harness::start().await;
+    for path in keel_controller::console::PATHS {
+        let response = h
+            .client
+            .get(format!("http://{}{path}", h.addr()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        let csp = response.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(csp.contains("default-src 'none'"), "{path}: {csp}");
+        let text = response.text().await.unwrap();
+        assert!(
+            !text.contains("http://") && !text.contains("https://"),
+            "{path} names no other origin"
+        );
+    }
+    let page = reqwest::get(format!("http://{}/", h.addr()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("/console/app.js") && page.contains("/console/style.css"));
+}

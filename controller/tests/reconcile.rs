@@ -168,6 +168,8 @@ async fn report(c: &Cluster, app: &str, restarts: u32) {
             exit_code: (restarts > 0).then_some(137),
             reason: (restarts > 0).then(|| "out of memory".to_owned()),
             ports: BTreeMap::new(),
+            cpu_millis: None,
+            memory_bytes: None,
         });
     }
     for (node, instances) in by_node {

@@ -65,6 +65,26 @@ pub enum StreamMessage {
         generation: i64,
         instance: InstanceRef,
     },
+    /// Send this instance's log: POST it, one line per line, to
+    /// `/v1/nodes/{node}/logs/{request}` (the agent only makes outbound
+    /// connections, so the controller asks on the stream it already holds).
+    /// Not part of the desired state: it changes no generation.
+    Logs(LogRequest),
+}
+
+/// A request for one instance's log, pushed to its node's agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogRequest {
+    /// Names the answer: `POST /v1/nodes/{node}/logs/{request}`.
+    pub request: String,
+    pub instance: InstanceRef,
+    /// The last this many lines; all when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<u32>,
+    /// Keep sending new lines until the controller ends the request.
+    #[serde(default)]
+    pub follow: bool,
 }
 
 /// The life of an instance on its node, as its agent sees it.
@@ -99,6 +119,12 @@ pub struct InstanceStatus {
     /// Port name to the host address and port it is published on.
     #[serde(default)]
     pub ports: BTreeMap<String, String>,
+    /// CPU in use, in thousandths of a core, when the runtime measures it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u64>,
+    /// Memory in use, in bytes (without the page cache), when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
 }
 
 /// Everything a node runs, reported whole.

@@ -9,10 +9,16 @@
 //! directory removed when it is dropped; only processes started here are ever
 //! signalled, by their own handle.
 //!
+//! [`testserver::ensure_image`] builds the `keel-testserver` image that
+//! Docker tests, benchmarks and the README tour run.
+//!
 //! Architecture Invariant: this crate depends on no Keel crate, so any of
-//! them can use it in its tests.
+//! them can use it in its tests. (It builds `keel-testserver` by running
+//! cargo, not by linking it.)
 
 #![forbid(unsafe_code)]
+
+pub mod testserver;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};

@@ -34,6 +34,7 @@ pub use openapi::openapi_json;
 use crate::agents::{Agents, InstanceView};
 use crate::apps::{Applied, Apps};
 use crate::auth::Auth;
+use crate::changes::{Changed, Changes};
 use crate::nodes::{NodeView, Nodes, Registered, Registration};
 use crate::records::{AppRecord, EventRecord, ProjectRecord, RevisionRecord};
 use crate::routes::Routes;
@@ -77,6 +78,16 @@ pub const ROUTES: &[(Method, &str, &str)] = &[
         "/v1/nodes/n/status",
         "/v1/nodes/{node}/status",
     ),
+    (
+        Method::POST,
+        "/v1/nodes/n/logs/r",
+        "/v1/nodes/{node}/logs/{request}",
+    ),
+    (
+        Method::GET,
+        "/v1/projects/p/apps/a/logs",
+        "/v1/projects/{project}/apps/{app}/logs",
+    ),
     (Method::GET, "/v1/projects", "/v1/projects"),
     (Method::POST, "/v1/projects", "/v1/projects"),
     (Method::GET, "/v1/projects/p", "/v1/projects/{project}"),
@@ -107,7 +118,18 @@ pub const ROUTES: &[(Method, &str, &str)] = &[
         "/v1/projects/p/apps/a/rollback",
         "/v1/projects/{project}/apps/{app}/rollback",
     ),
+    (
+        Method::POST,
+        "/v1/projects/p/apps/a/scale",
+        "/v1/projects/{project}/apps/{app}/scale",
+    ),
+    (
+        Method::POST,
+        "/v1/projects/p/apps/a/restart",
+        "/v1/projects/{project}/apps/{app}/restart",
+    ),
     (Method::GET, "/v1/events", "/v1/events"),
+    (Method::GET, "/v1/watch", "/v1/watch"),
     (Method::POST, "/v1/nodes", "/v1/nodes"),
     (Method::GET, "/v1/nodes", "/v1/nodes"),
     (Method::GET, "/v1/nodes/n", "/v1/nodes/{node}"),
@@ -136,6 +158,7 @@ pub struct ApiState {
     pub agents: Agents,
     pub routes: Routes,
     pub certs: crate::certs::Certs,
+    pub changes: Changes,
     pub auth: Arc<Auth>,
     /// Becomes true when the controller stops: open streams end then.
     pub stopping: tokio::sync::watch::Receiver<bool>,
@@ -152,7 +175,10 @@ fn admin_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(list_revisions))
         .routes(routes!(show_revision))
         .routes(routes!(rollback))
+        .routes(routes!(scale))
+        .routes(routes!(restart))
         .routes(routes!(list_events))
+        .routes(routes!(watch))
         .routes(routes!(list_nodes))
         .routes(routes!(show_node))
         .routes(routes!(drain_node))
@@ -162,6 +188,7 @@ fn admin_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(list_certs, add_cert))
         .routes(routes!(delete_cert))
         .routes(routes!(app_instances))
+        .routes(routes!(app_logs))
 }
 
 /// The routes agents call: they authenticate with the join token, then
@@ -172,6 +199,7 @@ fn agent_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(heartbeat))
         .routes(routes!(watch_instances))
         .routes(routes!(report_status))
+        .routes(routes!(answer_logs))
         .routes(routes!(watch_routes))
 }
 
@@ -187,6 +215,7 @@ pub fn router(state: ApiState) -> axum::Router {
     });
     admin
         .merge(agents)
+        .merge(crate::console::router())
         .route(OPENAPI_PATH, serve_document)
         .fallback(|| async { ApiError::NotFound("route".into()) })
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
@@ -682,6 +711,114 @@ async fn rollback(
     .into_response())
 }
 
+/// The instance count to scale to.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ScaleRequest {
+    /// How many instances run: 0..1000 (0 keeps the app defined but
+    /// stopped).
+    #[schema(value_type = u32)]
+    instances: serde_json::Value,
+}
+
+/// Scales an app
+///
+/// Changes only the instance count: a new revision with the current
+/// manifest and `instances` changed (none when the count is already that).
+/// Running instances stay; only the difference is started or stopped.
+#[utoipa::path(
+    post,
+    path = "/v1/projects/{project}/apps/{app}/scale",
+    tag = "apps",
+    security(("admin_token" = [])),
+    params(AppPath),
+    request_body = ScaleRequest,
+    responses(
+        (status = 200, description = "The app and its revision; `changed` says whether the count was new.", body = Applied),
+        (status = 400, description = "A name is not a DNS label, the body is not a `ScaleRequest`, or `instances` is out of range; nothing changed.", body = ErrorBody, example = json!({
+            "error": "invalid",
+            "message": "invalid request: instances: must be 0..1000, got 5000",
+            "problems": [{"path": "instances", "message": "must be 0..1000, got 5000"}]
+        })),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "There is no such app.", body = ErrorBody),
+        (status = 409, description = "Other writes to the app kept winning the race; try again.", body = ErrorBody),
+        (status = 413, response = TooLarge),
+        (status = 422, description = "The app is global: it has no count.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn scale(
+    State(state): State<ApiState>,
+    Path(AppPath { project, app }): Path<AppPath>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request: ScaleRequest = json_body(&body(raw)?)?;
+    let instances = request.instances.as_u64().ok_or_else(|| {
+        ApiError::Invalid(vec![FieldProblem::new(
+            "instances",
+            format!(
+                "must be a whole number of instances, got {}",
+                request.instances
+            ),
+        )])
+    })?;
+    Ok(Json(state.apps.scale(&project, &app, instances).await?).into_response())
+}
+
+/// Restarts an app's instances, rolling
+///
+/// A new revision with the same manifest whose instances replace every
+/// running one, as a new manifest's would: under the app's update strategy
+/// (`max_surge`, `max_unavailable`, `min_ready`), so the app stays up.
+/// Takes no body.
+#[utoipa::path(
+    post,
+    path = "/v1/projects/{project}/apps/{app}/restart",
+    tag = "apps",
+    security(("admin_token" = [])),
+    params(AppPath),
+    responses(
+        (status = 200, description = "The app and the new revision, whose `cause` is `restart`.", body = Applied),
+        (status = 400, description = "A name is not a DNS label.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "There is no such app.", body = ErrorBody),
+        (status = 409, description = "Other writes to the app kept winning the race; try again.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn restart(
+    State(state): State<ApiState>,
+    Path(AppPath { project, app }): Path<AppPath>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.apps.restart(&project, &app).await?).into_response())
+}
+
+/// Streams which kinds of resource change
+///
+/// Newline-delimited JSON, one `Changed` a line: first one with nothing
+/// changed (read everything now), then one per burst of changes naming
+/// the kinds that changed, for as long as the connection lasts; a blank
+/// line when quiet. For views that show the cluster live and re-read what
+/// they show. When it breaks, connect again and re-read.
+#[utoipa::path(
+    get,
+    path = "/v1/watch",
+    tag = "events",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The stream, one `Changed` per line.", body = Changed, content_type = "application/x-ndjson"),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn watch(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    Ok(ndjson(state.changes.watch().await?, state.stopping.clone()))
+}
+
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -763,7 +900,7 @@ async fn register_node(
 async fn authorize_node(state: &ApiState, node: &str, headers: &HeaderMap) -> Result<(), ApiError> {
     let token = bearer(headers).ok_or(ApiError::Unauthorized)?;
     if state.auth.is_admin(token) {
-        state.nodes.show(node).await?;
+        state.nodes.show_brief(node).await?;
     } else {
         state.nodes.authenticate(node, token).await?;
     }
@@ -782,7 +919,7 @@ async fn authorize_node(state: &ApiState, node: &str, headers: &HeaderMap) -> Re
     security(("node_credential" = []), ("admin_token" = [])),
     params(NodePath),
     responses(
-        (status = 200, description = "The node, as it is now.", body = NodeView),
+        (status = 200, description = "The node, as it is now (without `allocated`).", body = NodeView),
         (status = 400, description = "The name is not a DNS label.", body = ErrorBody),
         (status = 401, response = Unauthorized),
         (status = 404, description = "With the admin token: there is no such node.", body = ErrorBody),
@@ -797,7 +934,7 @@ async fn heartbeat(
 ) -> Result<Response, ApiError> {
     authorize_node(&state, &node, &headers).await?;
     state.nodes.heartbeat_alive(&node).await?;
-    Ok(Json(state.nodes.show(&node).await?).into_response())
+    Ok(Json(state.nodes.show_brief(&node).await?).into_response())
 }
 
 /// Lists every node
@@ -1084,6 +1221,171 @@ async fn app_instances(
     Ok(Json(state.agents.instances(Some((&project, &app))).await?).into_response())
 }
 
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct LogsQuery {
+    /// The last this many lines of each instance; all when absent.
+    tail: Option<u32>,
+    /// Keep the response open and send new lines as they are written,
+    /// until the client goes away. Default false.
+    #[serde(default)]
+    follow: bool,
+}
+
+/// Streams an app's logs
+///
+/// The logs of every placed instance of the app, on whatever node, merged
+/// as lines arrive, each prefixed with `[instance-id] `. The controller
+/// asks each instance's agent on its node's stream; an agent that is not
+/// connected, or does not answer within 10 s, gives one `keel: ...` line
+/// instead. Without `follow` the response ends when every instance's log
+/// has been sent.
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{project}/apps/{app}/logs",
+    tag = "apps",
+    security(("admin_token" = [])),
+    params(AppPath, LogsQuery),
+    responses(
+        (status = 200, description = "Log lines, `[instance-id] line`.", body = String, content_type = "text/plain"),
+        (status = 400, description = "A name is not a DNS label, or a bad query parameter.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "There is no such app.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn app_logs(
+    State(state): State<ApiState>,
+    Path(AppPath { project, app }): Path<AppPath>,
+    raw: Result<Query<LogsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let query = query(raw)?;
+    state.apps.app(&project, &app).await?;
+    let (parts, requests) = state
+        .agents
+        .request_logs(&project, &app, query.tail, query.follow)
+        .await?;
+    let streams = parts.into_iter().map(|part| {
+        let prefix = format!("[{}] ", part.instance.id);
+        // Each part's bytes into whole lines, each with its prefix; a last
+        // line without its newline is sent when the part ends.
+        let chunks = tokio_stream::wrappers::ReceiverStream::new(part.bytes)
+            .map(Some)
+            .chain(futures::stream::once(async { None }));
+        let mut partial: Vec<u8> = Vec::new();
+        chunks
+            .map(move |chunk| {
+                let mut out = Vec::new();
+                match chunk {
+                    Some(chunk) => {
+                        partial.extend_from_slice(&chunk);
+                        while let Some(at) = partial.iter().position(|&b| b == b'\n') {
+                            let line: Vec<u8> = partial.drain(..=at).collect();
+                            out.extend_from_slice(prefix.as_bytes());
+                            out.extend_from_slice(&line);
+                        }
+                    }
+                    None if !partial.is_empty() => {
+                        out.extend_from_slice(prefix.as_bytes());
+                        out.append(&mut partial);
+                        out.push(b'\n');
+                    }
+                    None => {}
+                }
+                Bytes::from(out)
+            })
+            .filter(|bytes| futures::future::ready(!bytes.is_empty()))
+            .boxed()
+    });
+    let mut stopping = state.stopping.clone();
+    let stopped = async move {
+        let _ = stopping.wait_for(|stopping| *stopping).await;
+    };
+    let merged = futures::stream::select_all(streams)
+        .take_until(stopped)
+        .map(move |bytes| {
+            // The requests live as long as the response: when the client
+            // goes, they are withdrawn and their agents stop sending.
+            let _ = &requests;
+            Ok::<_, std::convert::Infallible>(bytes)
+        });
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        axum::body::Body::from_stream(merged),
+    )
+        .into_response())
+}
+
+/// How much of a log answer was passed on.
+#[derive(Serialize, ToSchema)]
+struct LogAnswered {
+    /// Bytes passed on to the client.
+    forwarded_bytes: u64,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct LogAnswerPath {
+    /// The node's name.
+    node: String,
+    /// The request id from the node's `logs` stream message.
+    request: String,
+}
+
+/// Answers a log request
+///
+/// An agent's answer to a `logs` message of its stream: the instance's
+/// log as a streamed plain-text body, passed on to the client that asked
+/// as it arrives. The controller ends it (answers before the body is
+/// complete) when that client goes away. Takes the node's own credential
+/// (or the admin token).
+#[utoipa::path(
+    post,
+    path = "/v1/nodes/{node}/logs/{request}",
+    tag = "nodes",
+    security(("node_credential" = []), ("admin_token" = [])),
+    params(LogAnswerPath),
+    request_body(content = String, content_type = "text/plain"),
+    responses(
+        (status = 200, description = "The answer ended: its body is complete, or its client went away.", body = LogAnswered),
+        (status = 400, description = "The name is not a DNS label.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "No such request is waiting for this node (answered, withdrawn, or never made).", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn answer_logs(
+    State(state): State<ApiState>,
+    Path(LogAnswerPath { node, request }): Path<LogAnswerPath>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    authorize_node(&state, &node, &headers).await?;
+    let sink = state
+        .agents
+        .log_answer(&node, &request)
+        .ok_or_else(|| ApiError::NotFound(format!("log request {request}")))?;
+    let mut chunks = body.into_data_stream();
+    let mut forwarded_bytes = 0u64;
+    let mut stopping = state.stopping.clone();
+    loop {
+        let chunk = tokio::select! {
+            chunk = chunks.next() => chunk,
+            () = sink.closed() => break,
+            _ = stopping.wait_for(|stopping| *stopping) => break,
+        };
+        let Some(Ok(chunk)) = chunk else { break };
+        forwarded_bytes += chunk.len() as u64;
+        if sink.send(chunk).await.is_err() {
+            break;
+        }
+    }
+    Ok(Json(LogAnswered { forwarded_bytes }).into_response())
+}
+
 /// Shows the route table
 ///
 /// Every route of every app with the addresses of its ready instances, as
@@ -1151,7 +1453,7 @@ async fn watch_routes(
     if !state.auth.is_admin(token)
         && !state
             .nodes
-            .show(&query.node)
+            .show_brief(&query.node)
             .await?
             .roles
             .iter()

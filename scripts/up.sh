@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The README's first command: sets up what Keel needs on Debian 12 (Docker
+# Engine and friends, via setup.sh), builds the `keel` binary and the tour's
+# example image, and starts the whole cloud on this machine with the
+# embedded store. Arguments go to `keel up` (try `--help`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+echo "up: building keel (release)"
+cargo build --release --locked -q -p keel
+echo "up: building the example image keel-testserver:dev"
+cargo run --release --locked -q -p keel-testing --bin build-testserver-image
+echo "up: starting Keel; in another shell: export PATH=\"$PWD/target/release:\$PATH\"; keel nodes"
+exec target/release/keel up "$@"
