@@ -22,5 +22,5 @@ else
   cargo build --quiet --locked -p keel
   keel=target/debug/keel
 fi
-cargo run --quiet --locked --release -p keel-testing --bin build-testserver-image
+cargo run --quiet --locked --release -p keel-testing --example testserver_image
 exec python3 bench/lib/failover.py "$keel" "$runs"

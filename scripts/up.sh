@@ -10,6 +10,6 @@ bash scripts/setup.sh
 echo "up: building keel (release)"
 cargo build --release --locked -q -p keel
 echo "up: building the example image keel-testserver:dev"
-cargo run --release --locked -q -p keel-testing --bin build-testserver-image
+cargo run --release --locked -q -p keel-testing --example testserver_image
 echo "up: starting Keel; in another shell: export PATH=\"$PWD/target/release:\$PATH\"; keel nodes"
 exec target/release/keel up "$@"

@@ -725,7 +725,9 @@ impl Reconciler {
                         Operation::Start
                     }
                     None => Operation::Start,
-                    Some(state) if state.revision != spec.revision => Operation::Replace,
+                    Some(state) if state.spec_version != spec.container_version() => {
+                        Operation::Replace
+                    }
                     Some(state)
                         if matches!(state.state, InstanceState::Exited | InstanceState::Failed) =>
                     {
@@ -999,6 +1001,7 @@ mod tests {
     fn restart_policies() {
         let exited = |code| RuntimeState {
             revision: 1,
+            spec_version: String::new(),
             state: InstanceState::Exited,
             ready: false,
             exit_code: Some(code),

@@ -71,6 +71,8 @@ const LABEL_PROJECT: &str = "keel.project";
 const LABEL_APP: &str = "keel.app";
 const LABEL_INSTANCE: &str = "keel.instance";
 const LABEL_REVISION: &str = "keel.revision";
+/// [`InstanceSpec::container_version`] of the spec it was made from.
+const LABEL_SPEC: &str = "keel.spec";
 const LABEL_PORTS: &str = "keel.ports";
 const LABEL_HEALTH: &str = "keel.health";
 
@@ -207,7 +209,9 @@ struct Inner {
     config: DockerConfig,
     /// Instances being pulled or created: no container to list yet (or
     /// one not yet started).
-    pending: Mutex<BTreeMap<InstanceRef, (u64, InstanceState)>>,
+    /// Instances being pulled or created: revision, container version,
+    /// state.
+    pending: Mutex<BTreeMap<InstanceRef, (u64, String, InstanceState)>>,
     /// By container name.
     probers: Mutex<HashMap<String, Prober>>,
     /// By container name.
@@ -217,7 +221,6 @@ struct Inner {
     /// no redirects followed (a 3xx passes).
     http: reqwest::Client,
     background: Mutex<Vec<JoinHandle<()>>>,
-    network_lock: tokio::sync::Mutex<()>,
 }
 
 impl Drop for Inner {
@@ -322,7 +325,6 @@ impl DockerRuntime {
             changed: Notify::new(),
             http,
             background: Mutex::default(),
-            network_lock: tokio::sync::Mutex::new(()),
         });
         let events = tokio::spawn(follow_events(Arc::downgrade(&inner)));
         let stats = tokio::spawn(sample_stats(Arc::downgrade(&inner)));
@@ -350,6 +352,13 @@ impl DockerRuntime {
     }
 }
 
+/// Project networks are created and removed one at a time in this process
+/// (agents sharing an engine in one process, as tests run them, included).
+fn static_network_lock() -> &'static tokio::sync::Mutex<()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    &LOCK
+}
+
 fn container_name(node: &str, instance: &InstanceRef) -> String {
     format!(
         "keel-{node}-{}-{}-{}",
@@ -358,12 +367,15 @@ fn container_name(node: &str, instance: &InstanceRef) -> String {
 }
 
 impl Inner {
-    fn set_pending(&self, instance: &InstanceRef, revision: u64, state: Option<InstanceState>) {
+    fn set_pending(&self, spec: &InstanceSpec, state: Option<InstanceState>) {
         {
             let mut pending = lock(&self.pending);
             match state {
-                Some(state) => pending.insert(instance.clone(), (revision, state)),
-                None => pending.remove(instance),
+                Some(state) => pending.insert(
+                    spec.instance.clone(),
+                    (spec.revision, spec.container_version(), state),
+                ),
+                None => pending.remove(&spec.instance),
             };
         }
         self.changed.notify_one();
@@ -413,9 +425,10 @@ impl Inner {
     /// the network by id from then on.
     async fn ensure_network(&self, instance: &InstanceRef) -> Result<String, RuntimeError> {
         let name = DockerRuntime::network_name(&instance.project);
-        // One creation at a time in this agent; other agents are handled
-        // by settling on the lowest id.
-        let _creating = self.network_lock.lock().await;
+        // One creation at a time in this process (agents sharing an engine
+        // in one process, as tests run them, included); agents in other
+        // processes are handled by settling on the lowest id.
+        let _creating = static_network_lock().lock().await;
         if let Some(id) = self.canonical_network(instance, &name).await? {
             return Ok(id);
         }
@@ -496,6 +509,7 @@ impl Inner {
             (LABEL_APP.to_owned(), instance.app.clone()),
             (LABEL_INSTANCE.to_owned(), instance.id.clone()),
             (LABEL_REVISION.to_owned(), spec.revision.to_string()),
+            (LABEL_SPEC.to_owned(), spec.container_version()),
             (
                 LABEL_PORTS.to_owned(),
                 serde_json::to_string(&ports).unwrap_or_default(),
@@ -556,7 +570,9 @@ impl Inner {
                     .as_ref()
                     .and_then(|c| c.labels.clone())
                     .unwrap_or_default();
-                let same_revision = labels.get(LABEL_REVISION) == Some(&spec.revision.to_string());
+                // A new revision that changes nothing the container sees
+                // (a scale) keeps it.
+                let same_revision = labels.get(LABEL_SPEC) == Some(&spec.container_version());
                 let running = existing
                     .state
                     .as_ref()
@@ -568,22 +584,31 @@ impl Inner {
                 if same_revision {
                     // Exited: the same container again (its log goes on).
                     lock(&self.probers).remove(&name);
-                    self.set_pending(instance, spec.revision, Some(InstanceState::Starting));
+                    self.set_pending(spec, Some(InstanceState::Starting));
                     let started = self.docker.start_container(&name, None).await;
-                    self.set_pending(instance, spec.revision, None);
-                    started.map_err(|e| self.start_error(instance, e))?;
+                    self.set_pending(spec, None);
+                    if let Err(error) = started {
+                        // Whatever it was (its network removed, say), the
+                        // next attempt creates it afresh.
+                        let options = RemoveContainerOptions {
+                            force: true,
+                            ..Default::default()
+                        };
+                        let _ = self.docker.remove_container(&name, Some(options)).await;
+                        return Err(self.start_error(instance, error));
+                    }
                     self.spawn_prober(&name, &labels);
                     return Ok(());
                 }
-                // Another revision under this name: replaced.
+                // Another container version under this name: replaced.
                 self.remove(instance).await?;
             }
             Err(error) if is_not_found(&error) => {}
             Err(error) => return Err(self.start_error(instance, error)),
         }
-        self.set_pending(instance, spec.revision, Some(InstanceState::Pulling));
+        self.set_pending(spec, Some(InstanceState::Pulling));
         let created = self.create_and_start(spec, &name).await;
-        self.set_pending(instance, spec.revision, None);
+        self.set_pending(spec, None);
         created
     }
 
@@ -594,7 +619,7 @@ impl Inner {
     ) -> Result<(), RuntimeError> {
         let instance = &spec.instance;
         self.ensure_image(&spec.manifest.image).await?;
-        self.set_pending(instance, spec.revision, Some(InstanceState::Starting));
+        self.set_pending(spec, Some(InstanceState::Starting));
         let network = self.ensure_network(instance).await?;
         let body = self.create_body(spec, &network);
         let labels = body.labels.clone().unwrap_or_default();
@@ -678,7 +703,46 @@ impl Inner {
                 Err(error) => return Err(stop_error(error)),
             }
         }
+        self.collect_network(&instance.project).await;
         Ok(())
+    }
+
+    /// Removes the project's network once no Keel container of the project
+    /// is left on the engine (of any node sharing it): Docker's default
+    /// address pools hold about 30 bridge networks, so networks of
+    /// projects gone from a node must not pile up. Best effort: a start
+    /// racing with this fails once and is retried, and creates it again.
+    async fn collect_network(&self, project: &str) {
+        let _removing = static_network_lock().lock().await;
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([(
+                "label".to_owned(),
+                vec![format!("{LABEL_PROJECT}={project}")],
+            )])),
+            ..Default::default()
+        };
+        match self.docker.list_containers(Some(options)).await {
+            Ok(left) if left.is_empty() => {}
+            _ => return,
+        }
+        let name = DockerRuntime::network_name(project);
+        let options = ListNetworksOptions {
+            filters: Some(HashMap::from([("name".to_owned(), vec![name.clone()])])),
+        };
+        for network in self
+            .docker
+            .list_networks(Some(options))
+            .await
+            .unwrap_or_default()
+        {
+            if network.name.as_deref() == Some(name.as_str())
+                && let Some(id) = network.id
+                && let Err(error) = self.docker.remove_network(&id).await
+            {
+                tracing::debug!(network = %name, error = %error, "project network not removed");
+            }
+        }
     }
 
     /// Starts probing a running container, if it has a health check and no
@@ -784,6 +848,7 @@ impl Inner {
         );
         let mut state = RuntimeState {
             revision,
+            spec_version: labels.get(LABEL_SPEC).cloned().unwrap_or_default(),
             state: InstanceState::Running,
             ready: false,
             exit_code: None,
@@ -870,13 +935,14 @@ impl Runtime for DockerRuntime {
             .iter()
             .filter_map(|c| self.inner.state_of(c))
             .collect();
-        for (instance, (revision, state)) in lock(&self.inner.pending).iter() {
+        for (instance, (revision, version, state)) in lock(&self.inner.pending).iter() {
             // Being pulled or created: the container, if any, is not
             // started yet.
             listed.insert(
                 instance.clone(),
                 RuntimeState {
                     revision: *revision,
+                    spec_version: version.clone(),
                     state: *state,
                     ready: false,
                     exit_code: None,
@@ -1038,10 +1104,19 @@ async fn sample_stats(inner: Weak<Inner>) {
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        {
+        let fresh: HashMap<String, Sample> = samples
+            .into_iter()
+            .filter_map(|(n, s)| Some((n, s?)))
+            .collect();
+        let changed = {
             let mut kept = lock(&strong.samples);
-            kept.clear();
-            kept.extend(samples.into_iter().filter_map(|(n, s)| Some((n, s?))));
+            let changed = *kept != fresh;
+            *kept = fresh;
+            changed
+        };
+        if changed {
+            // New figures go out with the next report, not a resync later.
+            strong.changed.notify_one();
         }
         drop(strong);
         tokio::time::sleep(interval).await;
@@ -1330,6 +1405,66 @@ mod tests {
         assert_eq!(
             pull_reference("web@sha256:abc"),
             ("web@sha256:abc".into(), String::new())
+        );
+    }
+
+    #[test]
+    fn cpu_is_the_share_of_the_machine_since_the_previous_sample_and_memory_excludes_cache() {
+        let cpu = |total, system| bollard::models::ContainerCpuStats {
+            cpu_usage: Some(bollard::models::ContainerCpuUsage {
+                total_usage: Some(total),
+                ..Default::default()
+            }),
+            system_cpu_usage: Some(system),
+            online_cpus: Some(4),
+            ..Default::default()
+        };
+        let stats = bollard::models::ContainerStatsResponse {
+            // A quarter of all 4 cores' time since the last sample: 1 core.
+            cpu_stats: Some(cpu(3_000, 10_000)),
+            precpu_stats: Some(cpu(1_000, 2_000)),
+            memory_stats: Some(bollard::models::ContainerMemoryStats {
+                usage: Some(50 << 20),
+                stats: Some(HashMap::from([("inactive_file".to_owned(), 10 << 20)])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            stats_sample(&stats),
+            Some(Sample {
+                cpu_millis: 1_000,
+                memory_bytes: 40 << 20
+            })
+        );
+    }
+
+    #[test]
+    fn a_probe_keeps_container_port_numbers_in_its_label() {
+        let manifest = keel_manifest::parse_yaml(
+            "name: web\nproject: shop\nimage: web:1\nports:\n  - name: admin\n    port: 9090\n  - name: http\n    port: 8080\nhealth:\n  http:\n    port: http\n    path: /ready\n  interval: 3s\n",
+        )
+        .map_err(|e| e.to_string());
+        let spec = InstanceSpec {
+            instance: InstanceRef {
+                project: "shop".into(),
+                app: "web".into(),
+                id: "1-ab".into(),
+            },
+            revision: 1,
+            manifest: manifest.unwrap_or_else(|e| panic!("{e}")),
+        };
+        let probe = ProbeSpec::from_manifest(&spec);
+        assert_eq!(
+            probe.map(|p| (p.kind, p.interval_ms, p.unhealthy_threshold)),
+            Some((
+                ProbeKind::Http {
+                    port: 8080,
+                    path: "/ready".into()
+                },
+                3_000,
+                3
+            ))
         );
     }
 

@@ -29,6 +29,10 @@ pub struct RuntimeState {
     /// The revision of the app it was started from (a container label for
     /// Docker), so a changed spec is noticed.
     pub revision: u64,
+    /// What it was started from ([`InstanceSpec::container_version`]): a
+    /// spec with another version replaces it; a new revision with the
+    /// same version (a scale) keeps it running.
+    pub spec_version: String,
     /// `Pulling`, `Starting`, `Running`, `Exited` or `Failed`.
     pub state: InstanceState,
     /// Passing its readiness check (or running, when the app has none). The

@@ -94,6 +94,7 @@ pub struct SimInstance {
 #[derive(Debug)]
 struct Entry {
     revision: u64,
+    version: String,
     image: String,
     started_at: Instant,
     starts: u32,
@@ -117,6 +118,7 @@ impl Entry {
         };
         RuntimeState {
             revision: self.revision,
+            spec_version: self.version.clone(),
             state,
             ready,
             exit_code,
@@ -227,20 +229,22 @@ impl Runtime for SimRuntime {
         let now = Instant::now();
         let start_delay = self.config.start_delay;
         let crash = self.crash_rule(image);
+        let version = spec.container_version();
         let mut state = self.lock();
         if let Some(entry) = state.instances.get_mut(&spec.instance) {
             let current = entry.state(now, start_delay).state;
             let stopped = matches!(current, InstanceState::Exited | InstanceState::Failed);
-            if entry.revision == spec.revision && !stopped {
+            if entry.version == version && !stopped {
                 return Ok(());
             }
-            if entry.revision == spec.revision {
+            if entry.version == version {
                 // `docker start` on an exited container: same ports.
                 entry.started_at = now;
                 entry.starts += 1;
                 return Ok(());
             }
-            // Another revision under the same name: replaced below.
+            // Another container version under the same name: replaced
+            // below.
             state.instances.remove(&spec.instance);
         }
         let mut ports = BTreeMap::new();
@@ -256,6 +260,7 @@ impl Runtime for SimRuntime {
             spec.instance.clone(),
             Entry {
                 revision: spec.revision,
+                version,
                 image: image.clone(),
                 started_at: now,
                 starts: 1,

@@ -285,17 +285,15 @@ async fn the_console_shows_the_cluster_live_in_a_real_browser() {
     .await;
     screenshot(&browser, "app").await;
 
-    // Logs: this controller has no logs endpoint yet, so the page says
-    // what the API says. (Replace with a line the app printed once
-    // `GET .../logs` lands.)
+    // Logs: followed live, each line prefixed with its instance; the
+    // simulated runtime prints a line when it starts an instance.
     click(&browser, "#logs-toggle").await;
-    until(
-        &browser,
-        "the logs API's answer",
-        &text_of("#logs-status"),
-        |v| v == &json!("route not found"),
-    )
+    until(&browser, "a line the app printed", &text_of("#logs"), |v| {
+        v.as_str()
+            .is_some_and(|text| text.contains("sim: ") && text.contains(" started ("))
+    })
     .await;
+    screenshot(&browser, "app-logs").await;
 
     // Scale to 5: the new instances appear without a reload (the marker
     // set in this page's window survives).

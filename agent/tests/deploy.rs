@@ -316,3 +316,71 @@ async fn scaling_up_keeps_what_runs_and_spreads_the_new_instances_evenly() {
     );
     cluster.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_apps_logs_merge_every_instance_on_every_node_each_line_prefixed() {
+    support::logs();
+    let cluster = SimCluster::start(&nodes_in_zones(3, &ZONES)).await.unwrap();
+    cluster
+        .admin()
+        .apply(&app("web", "registry.example.com/shop/web:1", 3))
+        .await
+        .unwrap();
+    let instances = eventually!(CONVERGE, {
+        all_up(
+            cluster.admin().instances("shop", "web").await.unwrap(),
+            3,
+            None,
+        )
+    });
+    let nodes: BTreeSet<&str> = instances.iter().filter_map(|i| i.node.as_deref()).collect();
+    assert_eq!(nodes.len(), 3, "one instance per node");
+
+    let logs = cluster.admin().logs("shop", "web", None).await.unwrap();
+    let lines: Vec<&str> = logs.lines().collect();
+    assert_eq!(lines.len(), 3, "{logs}");
+    for instance in &instances {
+        let id = &instance.id;
+        let line = format!(
+            "[{id}] sim: {id} started (registry.example.com/shop/web:1 of revision 1, start 1)"
+        );
+        assert!(lines.contains(&line.as_str()), "no {line:?} in:\n{logs}");
+    }
+    // A node cut off from the controller says so, in its instance's place.
+    let mut cluster = cluster;
+    let quiet = instances[0].node.clone().unwrap();
+    cluster.partition(&quiet).unwrap();
+    let said = format!("[{}] keel: node {quiet} is not connected", instances[0].id);
+    eventually!(CONVERGE, {
+        let logs = cluster.admin().logs("shop", "web", None).await.unwrap();
+        if logs.lines().any(|l| l == said) {
+            Ok(())
+        } else {
+            Err(format!("no {said:?} in:\n{logs}"))
+        }
+    });
+    cluster.heal(&quiet).unwrap();
+    // `tail` limits each instance's part; an app without instances has an
+    // empty log, and one that does not exist is a 404.
+    eventually!(CONVERGE, {
+        let logs = cluster.admin().logs("shop", "web", Some(0)).await.unwrap();
+        if logs.is_empty() { Ok(()) } else { Err(logs) }
+    });
+    cluster.admin().scale("shop", "web", 0).await.unwrap();
+    eventually!(CONVERGE, {
+        let left = cluster.admin().instances("shop", "web").await.unwrap();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?}"))
+        }
+    });
+    assert_eq!(cluster.admin().logs("shop", "web", None).await.unwrap(), "");
+    let missing = cluster
+        .admin()
+        .logs("shop", "nope", None)
+        .await
+        .unwrap_err();
+    assert!(missing.to_string().contains("404"), "{missing}");
+    cluster.shutdown().await.unwrap();
+}

@@ -69,7 +69,20 @@ impl Drop for Cleanup {
             docker(&args);
         }
         for project in &self.projects {
-            docker(&["network", "rm", &format!("keel-{project}")]);
+            remove_networks(&format!("keel-{project}"));
+        }
+    }
+}
+
+/// Removes every network of exactly this name, by id: Docker allows
+/// several of one name, and `network rm NAME` refuses when it is ambiguous.
+fn remove_networks(name: &str) {
+    let (_, listed) = docker(&["network", "ls", "--format", "{{.ID}} {{.Name}}"]);
+    for line in listed.lines() {
+        if let Some((id, found)) = line.split_once(' ')
+            && found == name
+        {
+            docker(&["network", "rm", id]);
         }
     }
 }
@@ -233,6 +246,23 @@ async fn an_instance_runs_with_its_env_limits_and_labels_and_answers_on_its_publ
         match instance.memory_bytes {
             Some(memory) if memory > 0 && instance.cpu_millis.is_some() => Ok(()),
             _ => Err(format!("no stats yet: {instance:?}")),
+        }
+    });
+
+    // Scaled to nothing: the container goes, and with the project's last
+    // container, its network.
+    cluster.admin().scale(&project, "web", 0).await.unwrap();
+    eventually!(CONVERGE, {
+        let (_, containers) =
+            docker(&["ps", "-aq", "--filter", &format!("label=keel.node={node}")]);
+        let (_, networks) = docker(&["network", "ls", "--format", "{{.Name}}"]);
+        let network = format!("keel-{project}");
+        if containers.is_empty() && !networks.lines().any(|n| n == network) {
+            Ok(())
+        } else {
+            Err(format!(
+                "left: containers {containers:?}, networks {networks:?}"
+            ))
         }
     });
     cluster.shutdown().await.unwrap();
@@ -422,6 +452,74 @@ async fn a_restarted_agent_adopts_its_containers_without_restarting_them() {
             "not restarted"
         );
     }
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_keeps_running_containers_and_a_changed_env_replaces_them() {
+    support::logs();
+    let image = image().await;
+    let (node, project) = (unique("n"), unique("p"));
+    let _cleanup = Cleanup {
+        nodes: vec![node.clone()],
+        projects: vec![project.clone()],
+        containers: vec![],
+    };
+    let (cluster, runtimes) = cluster(&[(&node, "a", "127.0.0.1")]).await;
+    cluster
+        .admin()
+        .apply(&app(&project, "web", &image, 2, ""))
+        .await
+        .unwrap();
+    let instances = up(&cluster, &project, "web", 2).await;
+    let mut before = Vec::new();
+    for instance in &instances {
+        let inspected = inspect(&runtimes[0], instance).await;
+        before.push((
+            instance.id.clone(),
+            inspected.id,
+            inspected.state.unwrap().started_at,
+        ));
+    }
+
+    // A scale is a new revision the containers never see: the two that
+    // run stay the same processes, and one more starts.
+    cluster.admin().scale(&project, "web", 3).await.unwrap();
+    let scaled = up(&cluster, &project, "web", 3).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (instance_id, container, started_at) in &before {
+        let instance = scaled
+            .iter()
+            .find(|i| &i.id == instance_id)
+            .expect("the instance is kept");
+        let inspected = inspect(&runtimes[0], instance).await;
+        assert_eq!(&inspected.id, container, "same container");
+        assert_eq!(
+            &inspected.state.unwrap().started_at,
+            started_at,
+            "not restarted"
+        );
+    }
+
+    // A changed env is a new container for every instance.
+    cluster
+        .admin()
+        .apply(&app(&project, "web", &image, 3, "env:\n  WAVE: two\n"))
+        .await
+        .unwrap();
+    eventually!(CONVERGE, {
+        let now = cluster.admin().instances(&project, "web").await.unwrap();
+        let kept = now
+            .iter()
+            .filter(|i| before.iter().any(|(id, _, _)| id == &i.id))
+            .count();
+        let ready = now.iter().filter(|i| i.is_up()).count();
+        if kept == 0 && ready == 3 {
+            Ok(())
+        } else {
+            Err(format!("{kept} old, {ready} up"))
+        }
+    });
     cluster.shutdown().await.unwrap();
 }
 
@@ -723,5 +821,73 @@ async fn an_apps_logs_merge_its_instances_lines_and_follow_new_ones() {
         }
     }
     drop(follow);
+    cluster.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_tcp_probes_decide_readiness_and_a_failing_exec_probe_restarts() {
+    support::logs();
+    let image = image().await;
+    let (node, project) = (unique("n"), unique("p"));
+    let _cleanup = Cleanup {
+        nodes: vec![node.clone()],
+        projects: vec![project.clone()],
+        containers: vec![],
+    };
+    let (cluster, _runtimes) = cluster(&[(&node, "a", "127.0.0.1")]).await;
+    let base = |name: &str, probe: &str| {
+        format!(
+            "name: {name}\nproject: {project}\nimage: {image}\n\
+             ports:\n  - name: http\n    port: 8080\n\
+             health:\n{probe}  interval: 1s\n  timeout: 900ms\n  unhealthy_threshold: 2\n\
+             restart:\n  backoff:\n    initial: 300ms\n    max: 2s\n"
+        )
+    };
+    let exec =
+        "  exec:\n    command: [/keel-testserver, check, \"http://127.0.0.1:8080/healthz\"]\n";
+    let tcp = "  tcp:\n    port: http\n";
+    cluster.admin().apply(&base("checked", exec)).await.unwrap();
+    cluster.admin().apply(&base("plain", tcp)).await.unwrap();
+    up(&cluster, &project, "plain", 1).await;
+    let checked = up(&cluster, &project, "checked", 1).await.remove(0);
+
+    let (status, _) = http(
+        reqwest::Method::POST,
+        &format!("http://{}/health/fail", checked.ports["http"]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let unhealthy = eventually!(CONVERGE, {
+        let instance = cluster
+            .admin()
+            .instances(&project, "checked")
+            .await
+            .unwrap()
+            .remove(0);
+        match &instance.reason {
+            Some(reason) if reason.starts_with("unhealthy: ") => Ok(instance),
+            _ => Err(format!("not stopped as unhealthy: {instance:?}")),
+        }
+    });
+    // The probe's own words: the check command's status and output.
+    let reason = unhealthy.reason.unwrap();
+    assert!(
+        reason.contains("exited with 1") && reason.contains("500"),
+        "{reason}"
+    );
+    eventually!(CONVERGE, {
+        let instance = cluster
+            .admin()
+            .instances(&project, "checked")
+            .await
+            .unwrap()
+            .remove(0);
+        if instance.restarts >= 1 && instance.is_up() {
+            Ok(())
+        } else {
+            Err(format!("not restarted and up: {instance:?}"))
+        }
+    });
     cluster.shutdown().await.unwrap();
 }

@@ -991,6 +991,59 @@ pub async fn routes(session: &Session) -> anyhow::Result<()> {
     Ok(())
 }
 
+// ---- certificates ----
+
+pub async fn certs_add(
+    session: &Session,
+    host: &str,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<()> {
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let body = json!({ "host": host, "cert_pem": read(cert)?, "key_pem": read(key)? });
+    let stored: Value = session.api.post("/v1/certs", &body).await?;
+    output::print(session.format, &stored, |value| {
+        Table::message(format!(
+            "Certificate for {} stored (expires {}); routers serve it within seconds",
+            text(value, "host"),
+            text(value, "not_after")
+        ))
+    });
+    Ok(())
+}
+
+pub async fn certs_list(session: &Session) -> anyhow::Result<()> {
+    let certs: Vec<Value> = session.api.get("/v1/certs").await?;
+    output::print(session.format, &Value::Array(certs.clone()), |_| {
+        let mut table = Table::new(&["host", "expires", "sha-256"])
+            .empty("No certificates: routes with tls: terminate get a self-signed one.");
+        for cert in &certs {
+            table.row(vec![
+                text(cert, "host"),
+                text(cert, "not_after"),
+                text(cert, "fingerprint_sha256"),
+            ]);
+        }
+        table
+    });
+    Ok(())
+}
+
+pub async fn certs_remove(session: &Session, host: &str) -> anyhow::Result<()> {
+    let removed: Value = session
+        .api
+        .delete(&format!("/v1/certs/{}", encode(host)))
+        .await?;
+    output::print(session.format, &removed, |_| {
+        Table::message(format!(
+            "Certificate for {host} removed; its routes fall back to a self-signed one"
+        ))
+    });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -191,6 +191,14 @@ enum Command {
     /// List the route table: host names, paths and where they go.
     #[command(after_help = "Examples:\n  keel routes\n  keel routes -o yaml")]
     Routes,
+    /// Store, list and remove TLS certificates for routes that terminate TLS.
+    #[command(
+        after_help = "Examples:\n  keel certs add shop.example.com --cert fullchain.pem --key privkey.pem\n  keel certs ls\n  keel certs rm shop.example.com"
+    )]
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
     /// List what happened and why: placements, replacements, failures.
     #[command(after_help = "Examples:\n  keel events\n  keel events web --limit 20")]
     Events {
@@ -228,6 +236,25 @@ enum AppAction {
         #[arg(short, long)]
         project: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsAction {
+    /// Store a certificate chain and its key for a host (`*.example.com`
+    /// for a wildcard); it replaces one stored for the same host.
+    Add {
+        host: String,
+        /// PEM: the leaf certificate first, then its intermediates.
+        #[arg(long)]
+        cert: PathBuf,
+        /// PEM: the private key.
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// List stored certificates (never their keys).
+    Ls,
+    /// Remove a host's certificate.
+    Rm { host: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -389,6 +416,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             NodeAction::Undrain { node } => client::node_drain(&session()?, &node, false).await,
         },
         Command::Routes => client::routes(&session()?).await,
+        Command::Certs { action } => match action {
+            CertsAction::Add { host, cert, key } => {
+                client::certs_add(&session()?, &host, &cert, &key).await
+            }
+            CertsAction::Ls => client::certs_list(&session()?).await,
+            CertsAction::Rm { host } => client::certs_remove(&session()?, &host).await,
+        },
         Command::Events {
             app,
             project,

@@ -45,6 +45,34 @@ pub struct InstanceSpec {
     pub manifest: AppManifest,
 }
 
+impl InstanceSpec {
+    /// What the container is made from: a digest of the manifest's image,
+    /// command, env, resources, ports and health check. Two revisions
+    /// that differ only in what the container never sees (the count,
+    /// routes, placement, update and restart policy) have the same
+    /// version, so an agent keeps an instance running when the controller
+    /// moves it to a new revision by a scale.
+    pub fn container_version(&self) -> String {
+        const SHAPING: [&str; 6] = ["image", "command", "env", "resources", "ports", "health"];
+        let manifest = serde_json::to_value(&self.manifest).unwrap_or_default();
+        let shaping: serde_json::Map<String, serde_json::Value> = SHAPING
+            .iter()
+            .map(|key| {
+                (
+                    key.to_string(),
+                    manifest.get(key).cloned().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let text = serde_json::Value::Object(shaping).to_string();
+        // FNV-1a: stable across processes and versions, unlike std's hasher.
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+        format!("{hash:016x}")
+    }
+}
+
 /// One line of the desired-instances stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -137,6 +165,26 @@ pub struct StatusReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn container_versions_change_with_what_the_container_sees_only() {
+        let spec = |yaml: &str| InstanceSpec {
+            instance: InstanceRef {
+                project: "p".into(),
+                app: "a".into(),
+                id: "1-ab".into(),
+            },
+            revision: 1,
+            manifest: keel_manifest::parse_yaml(yaml).expect("valid manifest"),
+        };
+        let base = spec("name: a\nproject: p\nimage: web:1\ninstances: 2\n");
+        let scaled = spec("name: a\nproject: p\nimage: web:1\ninstances: 5\n");
+        let env = spec("name: a\nproject: p\nimage: web:1\nenv:\n  A: b\n");
+        let image = spec("name: a\nproject: p\nimage: web:2\n");
+        assert_eq!(base.container_version(), scaled.container_version());
+        assert_ne!(base.container_version(), env.container_version());
+        assert_ne!(base.container_version(), image.container_version());
+    }
 
     #[test]
     fn stream_messages_are_tagged_one_line_json() {
