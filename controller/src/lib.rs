@@ -12,6 +12,7 @@ pub mod agents;
 pub mod api;
 pub mod apps;
 pub mod auth;
+pub mod certs;
 pub mod changes;
 pub mod console;
 pub mod instances;
@@ -97,6 +98,7 @@ impl Server {
             nodes: Arc::new(nodes::Nodes::new(store.clone(), config.node_lost_after)),
             agents: agents::Agents::new(store.clone()),
             routes: routes::Routes::new(store.clone()),
+            certs: certs::Certs::new(store.clone()),
             changes: changes::Changes::new(store.clone()),
             auth: Arc::new(auth),
             stopping: stopping_rx,

@@ -31,7 +31,18 @@ impl Routes {
         Self { store }
     }
 
-    /// The table as the store holds it now.
+    /// The table as routers get it: with the stored certificates and their
+    /// keys.
+    pub async fn table_for_routers(&self) -> Result<RouteTable, ApiError> {
+        let mut table = self.table().await?;
+        table.certificates = crate::certs::Certs::new(self.store.clone())
+            .for_routers()
+            .await?;
+        Ok(table)
+    }
+
+    /// The table as the store holds it now, without certificates (they
+    /// carry private keys, which only routers get).
     pub async fn table(&self) -> Result<RouteTable, ApiError> {
         let store = self.store.as_ref();
         let generation = store.status().await?.revision;
@@ -102,6 +113,8 @@ impl Routes {
                     }
                     .to_owned(),
                     backends,
+                    redirect_https: route.redirect_https,
+                    hsts: route.hsts,
                 });
             }
         }
@@ -116,13 +129,13 @@ impl Routes {
     /// The table now, then again each time it changes, until the receiver
     /// is dropped or the store closes.
     pub async fn watch(&self) -> Result<mpsc::Receiver<RouteTable>, ApiError> {
-        let first = self.table().await?;
+        let first = self.table_for_routers().await?;
         let mut changes = self.store.watch("/keel/", first.generation + 1).await?;
         let (tx, rx) = mpsc::channel(4);
         let _ = tx.try_send(first.clone());
         let this = self.clone();
         tokio::spawn(async move {
-            let mut last = first.routes;
+            let mut last = (first.routes, first.certificates);
             loop {
                 // Wait for a change that can move the table...
                 let relevant = loop {
@@ -142,11 +155,11 @@ impl Routes {
                 // ...let its burst land, then compute once.
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 while let Some(Some(Ok(_))) = changes.next().now_or_never() {}
-                let Ok(table) = this.table().await else {
+                let Ok(table) = this.table_for_routers().await else {
                     return;
                 };
-                if table.routes != last {
-                    last = table.routes.clone();
+                if (&table.routes, &table.certificates) != (&last.0, &last.1) {
+                    last = (table.routes.clone(), table.certificates.clone());
                     if tx.send(table).await.is_err() {
                         return;
                     }
@@ -164,6 +177,7 @@ fn moves_routes(key: &str) -> bool {
         "/keel/revisions/",
         "/keel/instances/",
         "/keel/status/",
+        "/keel/certs/",
     ]
     .iter()
     .any(|prefix| key.starts_with(prefix))

@@ -163,6 +163,13 @@ pub fn is_dns_label(name: &str) -> bool {
     names::dns_label(name).is_ok()
 }
 
+/// Checks a route host name the way the manifest does (a lowercase DNS name,
+/// or `*.` and a domain of at least two labels), for host names that arrive
+/// elsewhere (certificates); the error says what is wrong.
+pub fn check_hostname(name: &str) -> Result<(), String> {
+    names::hostname(name)
+}
+
 /// Compiles a `regex` constraint's pattern the way it is meant: matching the
 /// whole value (`ssd|nvme` matches `ssd`, not `ssd-slow`). The validator has
 /// already compiled every pattern in an [`AppManifest`] this way.

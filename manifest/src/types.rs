@@ -162,6 +162,14 @@ pub struct Route {
     pub port: String,
     /// Default: off.
     pub tls: TlsMode,
+    /// Plain HTTP requests for the route are answered with a permanent
+    /// redirect (308) to HTTPS. Only with `tls: terminate`. Default: false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub redirect_https: bool,
+    /// HTTPS responses carry `Strict-Transport-Security` (one year). Only
+    /// with `tls: terminate`. Default: false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub hsts: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]

@@ -639,7 +639,11 @@ impl Cx {
         let mut seen: Vec<(String, String, bool, usize)> = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let path = index("routes", i);
-            let Some(obj) = self.object(item, &path, &["host", "path", "port", "tls"]) else {
+            let Some(obj) = self.object(
+                item,
+                &path,
+                &["host", "path", "port", "tls", "redirect_https", "hsts"],
+            ) else {
                 continue;
             };
             let host = self
@@ -689,6 +693,23 @@ impl Cx {
                 ),
                 _ => {}
             }
+            // Both act on HTTP the router decrypts: meaningless otherwise.
+            let mut flag = |name: &str| -> bool {
+                let Some(node) = obj.get(name) else {
+                    return false;
+                };
+                let value = self.boolean(node, &obj.path(name)).unwrap_or(false);
+                if value && tls.is_some_and(|t| t != TlsMode::Terminate) {
+                    self.report(
+                        &obj.path(name),
+                        node.pos,
+                        format!("{name} needs `tls: terminate`: only then does the router serve HTTPS for the route"),
+                    );
+                }
+                value
+            };
+            let redirect_https = flag("redirect_https");
+            let hsts = flag("hsts");
             let (Some(host), Some(prefix), Some(port), Some(tls)) = (host, prefix, port, tls)
             else {
                 continue;
@@ -718,6 +739,8 @@ impl Cx {
                 path: prefix,
                 port: port.name.to_owned(),
                 tls,
+                redirect_https,
+                hsts,
             });
         }
         routes

@@ -33,6 +33,8 @@ fn route(host: &str, path: &str, port: &str, tls: TlsMode) -> Route {
         path: path.into(),
         port: port.into(),
         tls,
+        redirect_https: false,
+        hsts: false,
     }
 }
 
@@ -489,4 +491,20 @@ fn the_examples_in_the_reference_are_valid() {
         .and_then(|rest| rest.split("```").next())
         .unwrap();
     assert_eq!(yaml(complete), yaml(EXAMPLE_YAML));
+}
+
+#[test]
+fn terminated_routes_may_redirect_to_https_and_send_hsts() {
+    let app = yaml(
+        "name: web\nproject: acme\nimage: nginx:1\nports: [{name: web, port: 80}]\n\
+         routes:\n  - {host: a.example.com, tls: terminate, redirect_https: true, hsts: true}\n\
+         \x20 - {host: b.example.com, tls: terminate}\n",
+    );
+    assert!(app.routes[0].redirect_https && app.routes[0].hsts);
+    assert!(!app.routes[1].redirect_https && !app.routes[1].hsts);
+    // Off by default and then absent from the canonical form, so that
+    // manifests stored before these fields existed keep their bytes.
+    let json = String::from_utf8(app.canonical_json()).unwrap();
+    assert_eq!(json.matches("redirect_https").count(), 1, "{json}");
+    assert_eq!(yaml(&json).routes, app.routes);
 }

@@ -639,6 +639,24 @@ fn routes() {
             "is tcp",
         ),
         with_ports(
+            "routes:\n  - {host: a.example.com, port: web, redirect_https: true}\n",
+            "routes[0].redirect_https",
+            8,
+            "redirect_https needs `tls: terminate`",
+        ),
+        with_ports(
+            "routes:\n  - {host: a.example.com, port: db, tls: passthrough, hsts: true}\n",
+            "routes[0].hsts",
+            8,
+            "hsts needs `tls: terminate`",
+        ),
+        with_ports(
+            "routes:\n  - {host: a.example.com, port: web, tls: terminate, hsts: yes}\n",
+            "routes[0].hsts",
+            8,
+            "expected true or false",
+        ),
+        with_ports(
             "routes:\n  - {host: a.example.com, port: web, tls: passthrough, path: /api}\n",
             "routes[0].path",
             8,

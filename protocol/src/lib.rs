@@ -236,6 +236,12 @@ pub struct RouteEntry {
     pub protocol: String,
     /// `address:port` of every ready instance, sorted; empty: answer 503.
     pub backends: Vec<String>,
+    /// Answer plain HTTP with a 308 to HTTPS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub redirect_https: bool,
+    /// Send `Strict-Transport-Security` on HTTPS responses.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hsts: bool,
 }
 
 /// Every route of the cluster, as of `generation` (a store revision).

@@ -149,7 +149,9 @@ impl TableSource {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControllerSource {
-    /// The controller's base URL, e.g. `http://10.0.0.1:7070`.
+    /// The controller's base URL, e.g. `http://10.0.0.1:7070`. Plain
+    /// `http://` only for now: the HTTP client is built without TLS, as the
+    /// agent's is, until the cluster CA arrives.
     pub url: String,
     /// A router node's credential or the admin token.
     pub token: String,

@@ -154,10 +154,33 @@ pub(crate) async fn handle(
             return Ok(response);
         }
     };
+    if route.redirect_https && !conn.tls {
+        let target = format!(
+            "https://{host}{}",
+            req.uri().path_and_query().map_or("/", |p| p.as_str())
+        );
+        let mut response = text(
+            StatusCode::PERMANENT_REDIRECT,
+            "keel router: this route is served over HTTPS only\n",
+        );
+        if let Ok(location) = HeaderValue::from_str(&target) {
+            response.headers_mut().insert(header::LOCATION, location);
+        }
+        route
+            .metrics
+            .record(response.status().as_u16(), start.elapsed());
+        return Ok(response);
+    }
     drop(host);
     let method = req.method().clone();
     let mut upstream = None;
-    let response = forward(&shared, &conn, &route, req, &mut upstream).await;
+    let mut response = forward(&shared, &conn, &route, req, &mut upstream).await;
+    if route.hsts && conn.tls {
+        response.headers_mut().insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
     let elapsed = start.elapsed();
     route.metrics.record(response.status().as_u16(), elapsed);
     tracing::info!(

@@ -39,6 +39,8 @@ pub(crate) struct Route {
     pub path: String,
     pub tls: RouteTls,
     pub tcp: bool,
+    pub redirect_https: bool,
+    pub hsts: bool,
     pub backends: Vec<Arc<Backend>>,
     next: AtomicUsize,
     pub metrics: Arc<RouteMetrics>,
@@ -256,6 +258,8 @@ impl Registry {
                 path,
                 tls: entry.tls,
                 tcp: entry.protocol == "tcp",
+                redirect_https: entry.redirect_https,
+                hsts: entry.hsts,
                 backends: entry
                     .backends
                     .iter()
@@ -271,7 +275,7 @@ impl Registry {
             table.routes.push(route);
         }
         for map in table.exact.values_mut().chain(table.wildcard.values_mut()) {
-            map.routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+            map.routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
         }
         for cert in &wire.certificates {
             match certified_key(cert) {
@@ -338,6 +342,8 @@ mod tests {
             port: "http".into(),
             protocol: "http".into(),
             backends: backends.iter().map(|b| (*b).to_owned()).collect(),
+            redirect_https: false,
+            hsts: false,
         }
     }
 

@@ -53,6 +53,13 @@ pub const BODY_LIMIT_BYTES: usize = 1 << 20;
 /// has exactly these. Keep in step with `admin_routes` and
 /// `agent_routes`.
 pub const ROUTES: &[(Method, &str, &str)] = &[
+    (Method::GET, "/v1/certs", "/v1/certs"),
+    (Method::POST, "/v1/certs", "/v1/certs"),
+    (
+        Method::DELETE,
+        "/v1/certs/h.example.com",
+        "/v1/certs/{host}",
+    ),
     (Method::GET, "/v1/routes", "/v1/routes"),
     (Method::GET, "/v1/routes/watch", "/v1/routes/watch"),
     (Method::GET, "/v1/instances", "/v1/instances"),
@@ -150,6 +157,7 @@ pub struct ApiState {
     pub nodes: Arc<Nodes>,
     pub agents: Agents,
     pub routes: Routes,
+    pub certs: crate::certs::Certs,
     pub changes: Changes,
     pub auth: Arc<Auth>,
     /// Becomes true when the controller stops: open streams end then.
@@ -177,6 +185,8 @@ fn admin_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(undrain_node))
         .routes(routes!(list_instances))
         .routes(routes!(route_table))
+        .routes(routes!(list_certs, add_cert))
+        .routes(routes!(delete_cert))
         .routes(routes!(app_instances))
         .routes(routes!(app_logs))
 }
@@ -1455,4 +1465,86 @@ async fn watch_routes(
         )));
     }
     Ok(ndjson(state.routes.watch().await?, state.stopping.clone()))
+}
+
+/// Stores a TLS certificate for a host
+///
+/// Checked first: the chain and key parse, the key is the first
+/// certificate's, and the host (a wildcard host: a name under it) is among
+/// the certificate's names. Replaces the host's previous certificate.
+/// Routers get it with the route table; the API never shows the key again.
+#[utoipa::path(
+    post,
+    path = "/v1/certs",
+    tag = "certs",
+    security(("admin_token" = [])),
+    request_body = crate::certs::NewCert,
+    responses(
+        (status = 201, description = "The certificate is stored.", body = crate::certs::CertSummary),
+        (status = 400, description = "The body is not a `NewCert`, or the certificate, key or host is wrong (each problem by field).", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 413, response = TooLarge),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn add_cert(
+    State(state): State<ApiState>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request: crate::certs::NewCert = json_body(&body(raw)?)?;
+    let summary = state.certs.put(request).await?;
+    Ok((StatusCode::CREATED, Json(summary)).into_response())
+}
+
+/// Lists stored TLS certificates
+///
+/// Host, expiry and fingerprint of each; never the key.
+#[utoipa::path(
+    get,
+    path = "/v1/certs",
+    tag = "certs",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Every stored certificate, by host.", body = Vec<crate::certs::CertSummary>),
+        (status = 401, response = Unauthorized),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn list_certs(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    Ok(Json(state.certs.list().await?).into_response())
+}
+
+/// The host of a stored certificate.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct CertPath {
+    /// The host name (`*.example.com` for a wildcard).
+    host: String,
+}
+
+/// Deletes a host's stored TLS certificate
+///
+/// Its routes fall back to a self-signed certificate.
+#[utoipa::path(
+    delete,
+    path = "/v1/certs/{host}",
+    tag = "certs",
+    security(("admin_token" = [])),
+    params(CertPath),
+    responses(
+        (status = 200, description = "The certificate as it was before it was deleted.", body = crate::certs::CertSummary),
+        (status = 400, description = "The host is not a host name.", body = ErrorBody),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "No certificate is stored for the host.", body = ErrorBody),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+)]
+async fn delete_cert(
+    State(state): State<ApiState>,
+    Path(CertPath { host }): Path<CertPath>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.certs.delete(&host).await?).into_response())
 }

@@ -58,6 +58,7 @@ This document is served without a token at `GET /v1/openapi.json`.";
         (name = "events", description = "What happened, oldest first."),
         (name = "nodes", description = "Nodes: registration and heartbeats (by agents), listing and draining (by operators)."),
         (name = "routes", description = "The route table routers serve."),
+        (name = "certs", description = "TLS certificates for terminated routes."),
     ),
 )]
 struct ApiDoc;

@@ -1,0 +1,157 @@
+//! The router fed by the controller: a real controller (the `SimCluster`
+//! harness) streams the table; the router keeps serving the last table
+//! while the controller is gone and picks up the next when it is back.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use common::*;
+use keel_agent::eventually;
+use keel_agent::testing::{NodeSpec, SimCluster};
+use keel_router::{Router, RouterConfig, TableSource};
+
+const NO_ROUTE: &str = "keel router: no route for this host";
+const NO_INSTANCE: &str = "keel router: no ready instance for this route";
+
+/// The first line curl gets for `host` through the router.
+async fn answer(http: SocketAddr, host: &str) -> String {
+    curl(&["-H", &format!("Host: {host}"), &format!("http://{http}/")])
+        .await
+        .map_or_else(
+            |e| e.to_string(),
+            |(_, body)| body.lines().next().unwrap_or("").to_owned(),
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_the_controller_and_outlives_it() -> anyhow::Result<()> {
+    init_tracing();
+    let mut cluster = SimCluster::start(&[
+        NodeSpec::new("worker-1", "a"),
+        NodeSpec::new("edge-1", "a").role("router"),
+    ])
+    .await?;
+    let router = Router::start(RouterConfig {
+        http_addr: Some("127.0.0.1:0".parse()?),
+        https_addr: Some("127.0.0.1:0".parse()?),
+        worker_threads: 1,
+        source: TableSource::controller(
+            cluster.admin().base_url(),
+            cluster.admin().token(),
+            "edge-1",
+        ),
+        ..RouterConfig::default()
+    })?;
+    let http = router.addresses().http.context("http")?;
+    eventually!(Duration::from_secs(10), {
+        match router.generation() {
+            Some(_) => Ok(()),
+            None => Err("no table yet"),
+        }
+    });
+    assert_eq!(answer(http, "shop.example.com").await, NO_ROUTE);
+
+    cluster
+        .admin()
+        .apply(
+            "name: web\nproject: shop\nimage: nginx:1\ninstances: 2\n\
+             ports:\n  - name: http\n    port: 8080\n\
+             routes:\n  - host: shop.example.com\n    port: http\n",
+        )
+        .await?;
+    // Simulated instances publish made-up addresses: what answers there
+    // (nothing, usually: 502) does not matter, only that the router has
+    // the route and its ready instances.
+    let forwarded = |a: &str| a != NO_ROUTE && a != NO_INSTANCE;
+    eventually!(Duration::from_secs(15), {
+        match answer(http, "shop.example.com").await {
+            a if forwarded(&a) => Ok(()),
+            other => Err(other),
+        }
+    });
+
+    // A certificate stored through the API reaches the router, which
+    // serves it by SNI; the admin never sees its key again.
+    let made = rcgen::generate_simple_self_signed(vec!["shop.example.com".to_owned()])?;
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, made.cert.pem())?;
+    let body = serde_json::json!({
+        "host": "shop.example.com",
+        "cert_pem": made.cert.pem(),
+        "key_pem": made.signing_key.serialize_pem(),
+    });
+    cluster
+        .admin()
+        .call(
+            reqwest::Method::POST,
+            "/v1/certs",
+            Some(("application/json", body.to_string())),
+        )
+        .await?;
+    // A key that is not the certificate's is refused, by field.
+    let other = rcgen::generate_simple_self_signed(vec!["shop.example.com".to_owned()])?;
+    let wrong = serde_json::json!({
+        "host": "shop.example.com",
+        "cert_pem": made.cert.pem(),
+        "key_pem": other.signing_key.serialize_pem(),
+    });
+    let refused = cluster
+        .admin()
+        .call(
+            reqwest::Method::POST,
+            "/v1/certs",
+            Some(("application/json", wrong.to_string())),
+        )
+        .await
+        .err()
+        .context("a mismatched key must be refused")?
+        .to_string();
+    assert!(
+        refused.contains("400") && refused.contains("key_pem"),
+        "{refused}"
+    );
+    let listed = cluster.admin().get("/v1/certs").await?.to_string();
+    assert!(
+        listed.contains("fingerprint_sha256") && !listed.contains("PRIVATE KEY"),
+        "{listed}"
+    );
+    let table = cluster.admin().get("/v1/routes").await?.to_string();
+    assert!(!table.contains("PRIVATE KEY"), "{table}");
+    let port = router.addresses().https.context("https")?.port();
+    let (ca, resolve, url) = (
+        ca.display().to_string(),
+        format!("shop.example.com:{port}:127.0.0.1"),
+        format!("https://shop.example.com:{port}/"),
+    );
+    eventually!(Duration::from_secs(10), {
+        // Verified against the uploaded certificate: a status means the
+        // handshake succeeded.
+        match curl(&["--cacert", &ca, "--resolve", &resolve, &url]).await {
+            Ok((code, _)) if code > 0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let generation = router.generation();
+
+    cluster.stop_controller().await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let a = answer(http, "shop.example.com").await;
+    assert!(forwarded(&a), "the last table serves: {a}");
+    assert_eq!(router.generation(), generation);
+
+    cluster.start_controller().await?;
+    cluster.admin().scale("shop", "web", 0).await?;
+    eventually!(Duration::from_secs(20), {
+        match answer(http, "shop.example.com").await {
+            a if a == NO_INSTANCE => Ok(()),
+            other => Err(other),
+        }
+    });
+    router.shutdown().await;
+    cluster.shutdown().await?;
+    Ok(())
+}
