@@ -276,7 +276,8 @@ mod tests {
 
     #[test]
     fn wrong_values_are_errors_that_name_the_flag() {
-        let cases: Vec<(Box<dyn Fn(&mut AgentArgs)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut AgentArgs)>;
+        let cases: Vec<(Change, &str)> = vec![
             (
                 Box::new(|a| a.controller = None),
                 "--controller is required",
