@@ -112,6 +112,29 @@ impl DockerConfig {
     }
 }
 
+/// An exclusive lock on a file every agent on this machine opens, held
+/// while a project network is looked up and created. `None` (no lock,
+/// only the process-wide one) if the file cannot be opened.
+async fn host_network_lock() -> Option<std::fs::File> {
+    let path = std::env::temp_dir().join("keel-docker-networks.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .ok()?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Some(file),
+            Err(std::fs::TryLockError::WouldBlock) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
 /// The engine refused a container because its network is gone (removed
 /// by another agent settling duplicates) or ambiguous (a duplicate not
 /// yet removed).
@@ -446,6 +469,11 @@ impl Inner {
         // in one process, as tests run them, included); agents in other
         // processes are handled by settling on the lowest id.
         let _creating = static_network_lock().lock().await;
+        // And one at a time on this machine: Docker lets two creates of one
+        // name both succeed, and a container's start looks its network up
+        // by name, so a duplicate that another agent's container holds
+        // makes every later start fail as "ambiguous".
+        let _host = host_network_lock().await;
         if let Some(id) = self.canonical_network(instance, &name).await? {
             return Ok(id);
         }
