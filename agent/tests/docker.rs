@@ -120,6 +120,38 @@ async fn cluster(nodes: &[(&str, &str, &str)]) -> (SimCluster, Vec<DockerRuntime
 
 /// The test server as an app: one `http` port, an HTTP health check every
 /// second, restarts after 300 ms.
+/// What most tests start from: one node on this engine (127.0.0.1) with a
+/// Docker agent, a fresh project, the test server's image, and a cleanup
+/// that removes what the test leaves.
+struct OneNode {
+    image: String,
+    node: String,
+    project: String,
+    _cleanup: Cleanup,
+    cluster: SimCluster,
+    runtimes: Vec<DockerRuntime>,
+}
+
+async fn one_node() -> OneNode {
+    support::logs();
+    let image = image().await;
+    let (node, project) = (unique("n"), unique("p"));
+    let _cleanup = Cleanup {
+        nodes: vec![node.clone()],
+        projects: vec![project.clone()],
+        containers: vec![],
+    };
+    let (cluster, runtimes) = cluster(&[(&node, "a", "127.0.0.1")]).await;
+    OneNode {
+        image,
+        node,
+        project,
+        _cleanup,
+        cluster,
+        runtimes,
+    }
+}
+
 fn app(project: &str, name: &str, image: &str, instances: u32, extra: &str) -> String {
     format!(
         "name: {name}\nproject: {project}\nimage: {image}\ninstances: {instances}\n\
@@ -168,15 +200,14 @@ async fn inspect(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_runs_with_its_env_limits_and_labels_and_answers_on_its_published_port() {
-    support::logs();
-    let image = image().await;
-    let (node, project) = (unique("n"), unique("p"));
-    let _cleanup = Cleanup {
-        nodes: vec![node.clone()],
-        projects: vec![project.clone()],
-        containers: vec![],
-    };
-    let (cluster, runtimes) = cluster(&[(&node, "a", "127.0.0.1")]).await;
+    let OneNode {
+        image,
+        node,
+        project,
+        _cleanup,
+        cluster,
+        runtimes,
+    } = one_node().await;
     let extra = "env:\n  GREETING: hello world\nresources:\n  cpu_millis: 250\n  memory_mb: 64\n";
     cluster
         .admin()
@@ -270,15 +301,14 @@ async fn an_instance_runs_with_its_env_limits_and_labels_and_answers_on_its_publ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_instance_is_restarted_by_the_agent_after_its_backoff() {
-    support::logs();
-    let image = image().await;
-    let (node, project) = (unique("n"), unique("p"));
-    let _cleanup = Cleanup {
-        nodes: vec![node.clone()],
-        projects: vec![project.clone()],
-        containers: vec![],
-    };
-    let (cluster, runtimes) = cluster(&[(&node, "a", "127.0.0.1")]).await;
+    let OneNode {
+        image,
+        node: _,
+        project,
+        _cleanup,
+        cluster,
+        runtimes,
+    } = one_node().await;
     cluster
         .admin()
         .apply(&app(&project, "web", &image, 1, ""))
@@ -403,15 +433,14 @@ async fn a_failing_health_check_stops_the_instance_and_the_agent_restarts_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_adopts_its_containers_without_restarting_them() {
-    support::logs();
-    let image = image().await;
-    let (node, project) = (unique("n"), unique("p"));
-    let _cleanup = Cleanup {
-        nodes: vec![node.clone()],
-        projects: vec![project.clone()],
-        containers: vec![],
-    };
-    let (mut cluster, runtimes) = cluster(&[(&node, "a", "127.0.0.1")]).await;
+    let OneNode {
+        image,
+        node,
+        project,
+        _cleanup,
+        mut cluster,
+        runtimes,
+    } = one_node().await;
     cluster
         .admin()
         .apply(&app(&project, "web", &image, 2, ""))
@@ -457,15 +486,14 @@ async fn a_restarted_agent_adopts_its_containers_without_restarting_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_keeps_running_containers_and_a_changed_env_replaces_them() {
-    support::logs();
-    let image = image().await;
-    let (node, project) = (unique("n"), unique("p"));
-    let _cleanup = Cleanup {
-        nodes: vec![node.clone()],
-        projects: vec![project.clone()],
-        containers: vec![],
-    };
-    let (cluster, runtimes) = cluster(&[(&node, "a", "127.0.0.1")]).await;
+    let OneNode {
+        image,
+        node: _,
+        project,
+        _cleanup,
+        cluster,
+        runtimes,
+    } = one_node().await;
     cluster
         .admin()
         .apply(&app(&project, "web", &image, 2, ""))
