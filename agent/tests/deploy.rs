@@ -6,9 +6,10 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use keel_agent::eventually;
-use keel_agent::testing::{NodeSpec, SimCluster, nodes_in_zones};
+use keel_agent::testing::{ClusterConfig, NodeSpec, SimCluster, nodes_in_zones};
 use support::{CONVERGE, ZONES, all_up, app, in_runtimes, per_zone, running_in_runtimes};
 
 #[tokio::test]
@@ -320,7 +321,15 @@ async fn scaling_up_keeps_what_runs_and_spreads_the_new_instances_evenly() {
 #[tokio::test]
 async fn an_apps_logs_merge_every_instance_on_every_node_each_line_prefixed() {
     support::logs();
-    let cluster = SimCluster::start(&nodes_in_zones(3, &ZONES)).await.unwrap();
+    // Nodes are not lost while cut off here: the partitioned node's
+    // instance must stay where it is for its "not connected" line.
+    let config = ClusterConfig {
+        node_lost_after: Duration::from_secs(60),
+        ..ClusterConfig::default()
+    };
+    let cluster = SimCluster::start_with(config, &nodes_in_zones(3, &ZONES))
+        .await
+        .unwrap();
     cluster
         .admin()
         .apply(&app("web", "registry.example.com/shop/web:1", 3))
