@@ -234,7 +234,7 @@ pub async fn deploy(session: &Session, options: DeployOptions) -> anyhow::Result
             bail!("{shown} is not a valid app manifest:\n{}", lines.join("\n"));
         }
     };
-    let started_ms = now_ms();
+    let before = Events::before(&session.api, &manifest.project, &manifest.name).await?;
     let applied = match session.api.apply(text, json).await {
         Ok(applied) => applied,
         Err(ApiError::Api {
@@ -268,15 +268,8 @@ pub async fn deploy(session: &Session, options: DeployOptions) -> anyhow::Result
     if !options.wait {
         return Ok(());
     }
-    let outcome = wait_for_rollout(
-        session,
-        &project,
-        &app,
-        revision,
-        started_ms,
-        options.timeout,
-    )
-    .await;
+    let outcome =
+        wait_for_rollout(session, &project, &app, revision, before, options.timeout).await;
     if session.format != Format::Table {
         output::print(session.format, &applied, |_| Table::default());
     }
@@ -314,13 +307,13 @@ async fn wait_for_rollout(
     project: &str,
     app: &str,
     revision: u64,
-    since_ms: u64,
+    before: Events,
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
     let api = &session.api;
     let quiet = session.format != Format::Table;
-    let mut seen_events = std::collections::BTreeSet::new();
+    let mut seen_events = before.0;
     let mut last_line = String::new();
     loop {
         let view: Value = api.get(&app_path(project, app)).await?;
@@ -340,12 +333,7 @@ async fn wait_for_rollout(
             ))
             .await?;
         for event in &events {
-            let time = event["time_ms"].as_u64().unwrap_or(0);
-            if time + 1000 < since_ms {
-                continue;
-            }
-            let key = (time, text(event, "reason"), text(event, "message"));
-            if seen_events.insert(key) {
+            if seen_events.insert(Events::key(event)) {
                 if !quiet {
                     println!("  {}: {}", text(event, "reason"), text(event, "message"));
                 }
@@ -419,11 +407,31 @@ async fn wait_for_rollout(
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// The app's events that happened before a change: a rollout reports
+/// (and fails on) only the ones that come after. Kept by content, not by
+/// time, so neither clock skew nor a failure just before counts.
+#[derive(Debug, Default)]
+struct Events(std::collections::BTreeSet<(u64, String, String)>);
+
+impl Events {
+    async fn before(api: &Api, project: &str, app: &str) -> anyhow::Result<Self> {
+        let events: Vec<Value> = api
+            .get(&format!(
+                "/v1/events?project={}&app={}&limit=50",
+                encode(project),
+                encode(app)
+            ))
+            .await?;
+        Ok(Self(events.iter().map(Self::key).collect()))
+    }
+
+    fn key(event: &Value) -> (u64, String, String) {
+        (
+            event["time_ms"].as_u64().unwrap_or(0),
+            text(event, "reason"),
+            text(event, "message"),
+        )
+    }
 }
 
 // ---- apps ----
@@ -705,7 +713,7 @@ pub async fn restart(
 ) -> anyhow::Result<()> {
     let api = &session.api;
     let (project, app) = resolve_app(api, name, project).await?;
-    let since_ms = now_ms();
+    let before = Events::before(api, &project, &app).await?;
     let applied: Value = api
         .post(&format!("{}/restart", app_path(&project, &app)), &json!({}))
         .await?;
@@ -714,7 +722,7 @@ pub async fn restart(
         println!("{project}/{app}: restarting as revision {revision}");
     }
     if options.wait {
-        wait_for_rollout(session, &project, &app, revision, since_ms, options.timeout).await?;
+        wait_for_rollout(session, &project, &app, revision, before, options.timeout).await?;
     }
     if session.format != Format::Table {
         output::print(session.format, &applied, |_| Table::default());
@@ -734,6 +742,7 @@ pub async fn rollback(
     name: &str,
     project: Option<&str>,
     revision: Option<u64>,
+    options: WaitOptions,
 ) -> anyhow::Result<()> {
     let api = &session.api;
     let (project, app) = resolve_app(api, name, project).await?;
@@ -741,16 +750,23 @@ pub async fn rollback(
         Some(revision) => json!({ "revision": revision }),
         None => json!({}),
     };
+    let before = Events::before(api, &project, &app).await?;
     let applied: Value = api
         .post(&format!("{}/rollback", app_path(&project, &app)), &body)
         .await?;
-    output::print(session.format, &applied, |_| {
+    let now = applied["revision"]["revision"].as_u64().unwrap_or(0);
+    if session.format == Format::Table {
         let to = applied["revision"]["cause"]["to_revision"].to_string();
-        Table::message(format!(
-            "{project}/{app} rolled back to the manifest of revision {to} (now revision {})",
-            applied["revision"]["revision"]
-        ))
-    });
+        println!(
+            "{project}/{app} rolled back to the manifest of revision {to} (now revision {now})"
+        );
+    }
+    if options.wait {
+        wait_for_rollout(session, &project, &app, now, before, options.timeout).await?;
+    }
+    if session.format != Format::Table {
+        output::print(session.format, &applied, |_| Table::default());
+    }
     Ok(())
 }
 

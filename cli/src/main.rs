@@ -150,12 +150,20 @@ enum Command {
         timeout: Duration,
     },
     /// Deploy an earlier revision's manifest again (default: the one before).
-    #[command(after_help = "Examples:\n  keel rollback web\n  keel rollback web 3")]
+    #[command(
+        after_help = "Examples:\n  keel rollback web\n  keel rollback web 3\n  keel rollback web --no-wait"
+    )]
     Rollback {
         app: String,
         revision: Option<u64>,
         #[arg(short, long)]
         project: Option<String>,
+        /// Return once the revision is recorded.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to follow the rollout, e.g. 90s, 5m.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// Print an app's logs, from all its instances.
     #[command(after_help = "Examples:\n  keel logs web\n  keel logs web -f --tail 20")]
@@ -401,7 +409,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             app,
             revision,
             project,
-        } => client::rollback(&session()?, &app, project.as_deref(), revision).await,
+            no_wait,
+            timeout,
+        } => {
+            let options = client::WaitOptions {
+                wait: !no_wait,
+                timeout,
+            };
+            client::rollback(&session()?, &app, project.as_deref(), revision, options).await
+        }
         Command::Logs {
             app,
             follow,
