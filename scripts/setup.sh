@@ -16,6 +16,8 @@ packages=(
   openssl           # openssl s_client through a passthrough route
   chromium          # the console is tested in a real browser
   chromium-driver
+  python3           # bench/failover.sh and bench/router.sh drive their runs with it
+  procps            # kill(1): tests stop the processes they start by PID
 )
 
 missing=()
