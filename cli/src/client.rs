@@ -200,6 +200,24 @@ fn app_path(project: &str, app: &str) -> String {
     format!("/v1/projects/{}/apps/{}", encode(project), encode(app))
 }
 
+fn events_path(project: &str, app: &str, limit: u32) -> String {
+    format!(
+        "/v1/events?project={}&app={}&limit={limit}",
+        encode(project),
+        encode(app)
+    )
+}
+
+/// The newest `limit` events of one app.
+async fn app_events(
+    api: &Api,
+    project: &str,
+    app: &str,
+    limit: u32,
+) -> Result<Vec<Value>, ApiError> {
+    api.get(&events_path(project, app, limit)).await
+}
+
 // ---- deploy ----
 
 #[derive(Debug)]
@@ -325,13 +343,7 @@ async fn wait_for_rollout(
         let instances: Vec<Value> = api
             .get(&format!("{}/instances", app_path(project, app)))
             .await?;
-        let events: Vec<Value> = api
-            .get(&format!(
-                "/v1/events?project={}&app={}&limit=50",
-                encode(project),
-                encode(app)
-            ))
-            .await?;
+        let events = app_events(api, project, app, 50).await?;
         for event in &events {
             if seen_events.insert(Events::key(event)) {
                 if !quiet {
@@ -415,13 +427,7 @@ struct Events(std::collections::BTreeSet<(u64, String, String)>);
 
 impl Events {
     async fn before(api: &Api, project: &str, app: &str) -> anyhow::Result<Self> {
-        let events: Vec<Value> = api
-            .get(&format!(
-                "/v1/events?project={}&app={}&limit=50",
-                encode(project),
-                encode(app)
-            ))
-            .await?;
+        let events = app_events(api, project, app, 50).await?;
         Ok(Self(events.iter().map(Self::key).collect()))
     }
 
@@ -512,13 +518,7 @@ pub async fn app_show(session: &Session, name: &str, project: Option<&str>) -> a
     let revisions: Vec<Value> = api
         .get(&format!("{}/revisions", app_path(&project, &app)))
         .await?;
-    let events: Vec<Value> = api
-        .get(&format!(
-            "/v1/events?project={}&app={}&limit=10",
-            encode(&project),
-            encode(&app)
-        ))
-        .await?;
+    let events: Vec<Value> = app_events(api, &project, &app, 10).await?;
     let value = json!({
         "app": view["app"], "revision": view["revision"], "instances": instances,
         "revisions": revisions, "events": events,
@@ -819,11 +819,7 @@ pub async fn events(
     let path = match app {
         Some(name) => {
             let (project, app) = resolve_app(api, name, project).await?;
-            format!(
-                "/v1/events?project={}&app={}&limit={limit}",
-                encode(&project),
-                encode(&app)
-            )
+            events_path(&project, &app, limit)
         }
         None => match project {
             Some(project) => format!("/v1/events?project={}&limit={limit}", encode(project)),

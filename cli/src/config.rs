@@ -48,6 +48,13 @@ pub fn path() -> PathBuf {
     base.join("keel").join("config.toml")
 }
 
+/// A strict TOML file's contents; an error names the file, and the line
+/// and key as the parser gives them.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> anyhow::Result<T> {
+    toml::from_str(text)
+        .map_err(|error| anyhow::anyhow!("{}: {}", path.display(), error.to_string().trim()))
+}
+
 impl Config {
     /// The file's contents; an absent file is an empty config.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
@@ -60,8 +67,7 @@ impl Config {
                 return Err(error).with_context(|| format!("cannot read {}", path.display()));
             }
         };
-        let config: Config = toml::from_str(&text)
-            .map_err(|error| anyhow::anyhow!("{}: {}", path.display(), error.to_string().trim()))?;
+        let config: Config = parse_toml(path, &text)?;
         if let Some(current) = &config.current
             && !config.contexts.contains_key(current)
         {

@@ -201,8 +201,7 @@ impl AgentArgs {
 fn read_file(path: &Path) -> anyhow::Result<AgentFile> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    toml::from_str(&text)
-        .map_err(|error| anyhow::anyhow!("{}: {}", path.display(), error.to_string().trim()))
+    crate::config::parse_toml(path, &text)
 }
 
 fn host_name() -> anyhow::Result<String> {
