@@ -258,8 +258,9 @@ pub async fn up(command: UpCommand) -> anyhow::Result<()> {
     .resolve()?;
     let node_name = node.registration.name.clone();
     let agent = start_agent(node).await?;
-    // The router serves as this node, so it starts once the node exists.
-    credential(&agent, Duration::from_secs(30)).await?;
+    // The router serves as this node, with its credential, as `keel agent
+    // --roles router` does.
+    let credential = credential(&agent, Duration::from_secs(30)).await?;
     let router_args = RouterArgs {
         http: command.http,
         https: command.https,
@@ -268,7 +269,7 @@ pub async fn up(command: UpCommand) -> anyhow::Result<()> {
     };
     let router = start_router(
         &router_args,
-        TableSource::controller(&url, admin_token.clone(), &node_name),
+        TableSource::controller(&url, credential, &node_name),
     )?;
     print_router(&router);
 
