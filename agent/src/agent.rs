@@ -746,7 +746,12 @@ impl Reconciler {
                         Operation::Start
                     }
                     None => Operation::Start,
-                    Some(state) if state.spec_version != spec.container_version() => {
+                    // One revision is one manifest, so the digest is taken
+                    // only when the revisions differ.
+                    Some(state)
+                        if state.revision != spec.revision
+                            && state.spec_version != spec.container_version() =>
+                    {
                         Operation::Replace
                     }
                     Some(state)
