@@ -12,15 +12,16 @@
 # default, Nomad about 30 seconds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+target="${CARGO_TARGET_DIR:-$PWD/target}"
 runs=5
 profile=release
 if [ "${1:-}" = "--quick" ]; then runs=1; profile=dev; fi
 if [ "$profile" = release ]; then
   cargo build --quiet --locked --release -p keel
-  keel=target/release/keel
+  keel="$target/release/keel"
 else
   cargo build --quiet --locked -p keel
-  keel=target/debug/keel
+  keel="$target/debug/keel"
 fi
 cargo run --quiet --locked --release -p keel-testing --example testserver_image
 exec python3 bench/lib/failover.py "$keel" "$runs"

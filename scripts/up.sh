@@ -11,5 +11,6 @@ echo "up: building keel (release)"
 cargo build --release --locked -q -p keel
 echo "up: building the example image keel-testserver:dev"
 cargo run --release --locked -q -p keel-testing --example testserver_image
-echo "up: starting Keel; in another shell: export PATH=\"$PWD/target/release:\$PATH\"; keel nodes"
-exec target/release/keel up "$@"
+bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
+echo "up: starting Keel; in another shell: export PATH=\"$bin:\$PATH\"; keel nodes"
+exec "$bin/keel" up "$@"
