@@ -32,6 +32,7 @@ mod server;
 mod source;
 mod table;
 mod tls;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -183,7 +184,7 @@ impl Router {
             std::thread::Builder::new()
                 .name(format!("keel-router-{i}"))
                 .spawn(move || {
-                    if let Err(error) = server::run_worker(shared, listeners, tls, stop, grace) {
+                    if let Err(error) = server::run_worker(i, shared, listeners, tls, stop, grace) {
                         tracing::error!(%error, "router worker failed");
                     }
                     let _ = finished.send(());

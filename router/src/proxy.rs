@@ -7,25 +7,22 @@
 //! 413 (body too large).
 
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Full, Limited};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
+use hyper::body::Incoming;
 use hyper::header::{self, HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 
 use crate::config::{Balance, Limits};
 use crate::metrics::Global;
-use crate::pool::UpBody;
 use crate::table::{Backend, Registry, Route, Table, normalize_host};
+use crate::upstream::{self, Conn, ExchangeError, RequestBody, UpstreamBody};
 
 pub(crate) type RespBody = Either<UpstreamBody, Full<Bytes>>;
 
@@ -194,49 +191,6 @@ pub(crate) async fn handle(
     Ok(response)
 }
 
-/// Why an instance could not be reached; the instance counts as down.
-#[derive(Debug, thiserror::Error)]
-enum ConnectError {
-    #[error("connecting timed out")]
-    Timeout,
-    #[error("connecting failed")]
-    Io(#[source] std::io::Error),
-    #[error("the HTTP/1.1 handshake failed")]
-    Handshake(#[source] hyper::Error),
-}
-
-async fn connect(
-    limits: &Limits,
-    backend: &Backend,
-    upgrades: bool,
-) -> Result<SendRequest<UpBody>, ConnectError> {
-    let connecting = async {
-        match backend.socket {
-            Some(addr) => TcpStream::connect(addr).await,
-            None => TcpStream::connect(backend.addr.as_str()).await,
-        }
-    };
-    let stream = tokio::time::timeout(Duration::from_millis(limits.connect_timeout_ms), connecting)
-        .await
-        .map_err(|_| ConnectError::Timeout)?
-        .map_err(ConnectError::Io)?;
-    let _ = stream.set_nodelay(true);
-    let (sender, connection) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(ConnectError::Handshake)?;
-    if upgrades {
-        tokio::spawn(async move {
-            let _ = connection.with_upgrades().await;
-        });
-    } else {
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-    }
-    Ok(sender)
-}
-
 /// Removes what belongs to one hop only: `Connection` and the headers it
 /// names, and the other hop-by-hop headers.
 fn strip_hop_headers(headers: &mut hyper::HeaderMap, keep_upgrade: bool) {
@@ -289,10 +243,7 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits.max_body_bytes) {
-        return text(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "keel router: the request body is larger than this route accepts\n",
-        );
+        return too_large();
     }
     let upgrade = req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -307,24 +258,20 @@ async fn forward(
         }
     };
     strip_hop_headers(&mut parts.headers, upgrade);
+    // The router answers `Expect: 100-continue` itself (hyper does, when
+    // the body is first read); the instance gets the body straight away.
+    parts.headers.remove(header::EXPECT);
+    // The instance's framing is the router's to choose (`request_head`).
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::TRANSFER_ENCODING);
     // HTTP/2 (and absolute-form HTTP/1.1) carry the host in the URI;
     // instances get origin-form and a Host header.
-    if let Some(authority) = parts.uri.authority() {
-        if !parts.headers.contains_key(header::HOST)
-            && let Ok(value) = HeaderValue::from_str(authority.as_str())
-        {
-            parts.headers.insert(header::HOST, value);
-        }
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        if let Ok(uri) = path.parse::<Uri>() {
-            parts.uri = uri;
-        }
+    if let Some(authority) = parts.uri.authority()
+        && !parts.headers.contains_key(header::HOST)
+        && let Ok(value) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(header::HOST, value);
     }
-    parts.version = Version::HTTP_11;
     if let Some(host) = parts.headers.get(header::HOST).cloned() {
         parts.headers.insert(&X_FORWARDED_HOST, host);
     }
@@ -345,12 +292,29 @@ async fn forward(
         &X_FORWARDED_PROTO,
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
-    let mut req = Request::from_parts(parts, Limited::new(body, limits.max_body_bytes as usize));
+    let framing = RequestBody::of(&parts.method, &body);
+    let head = upstream::request_head(
+        &parts.method,
+        parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+        &parts.headers,
+        framing,
+    );
+    let mut body = Limited::new(
+        body,
+        usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
+    );
+    let has_body = framing != RequestBody::None;
+    let head_request = parts.method == Method::HEAD;
+    // RFC 9110 §9.2.2: these may be sent twice with the effect of once.
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
 
     let now_ms = shared.now_ms();
     let mut failed: Option<Arc<Backend>> = None;
-    // Two instances at most; a pooled connection found closed before the
-    // request was written costs an attempt of its own but no instance.
+    // Two instances at most. A pooled connection the instance had closed
+    // costs an attempt of its own but no instance.
     let mut instances_tried = 0;
     for _ in 0..4 {
         if instances_tried == 2 {
@@ -359,13 +323,13 @@ async fn forward(
         let Some(backend) = route.pick(shared.balance, now_ms, failed.as_ref()).cloned() else {
             break;
         };
-        let pooled = if upgrade { None } else { backend.pool.take() };
-        let mut sender = match pooled {
-            Some(sender) => sender,
+        let mut instance = match backend.pool.take() {
+            Some(instance) => instance,
             None => {
                 instances_tried += 1;
-                match connect(limits, &backend, upgrade).await {
-                    Ok(sender) => sender,
+                let timeout = Duration::from_millis(limits.connect_timeout_ms);
+                match upstream::connect_stream(&backend, timeout).await {
+                    Ok(stream) => Conn::new(stream),
                     Err(error) => {
                         route.metrics.upstream_error();
                         backend
@@ -385,81 +349,22 @@ async fn forward(
             }
         };
         backend.outstanding.fetch_add(1, Ordering::Relaxed);
-        let sent = tokio::time::timeout(
+        let exchanged = tokio::time::timeout(
             Duration::from_millis(limits.response_timeout_ms),
-            sender.try_send_request(req),
+            upstream::exchange(
+                &mut instance,
+                &head,
+                has_body.then_some((&mut body, framing)),
+                head_request,
+            ),
         )
         .await;
-        match sent {
-            Ok(Ok(mut response)) => {
+        let error = match exchanged {
+            Ok(Ok(head)) => {
                 *upstream = Some(backend.clone());
-                if response.status() == StatusCode::SWITCHING_PROTOCOLS
-                    && let Some(client_upgrade) = client_upgrade
-                {
-                    let instance_upgrade = hyper::upgrade::on(&mut response);
-                    tokio::spawn(async move {
-                        let (Ok(client), Ok(instance)) =
-                            tokio::join!(client_upgrade, instance_upgrade)
-                        else {
-                            return;
-                        };
-                        let _ = tokio::io::copy_bidirectional(
-                            &mut TokioIo::new(client),
-                            &mut TokioIo::new(instance),
-                        )
-                        .await;
-                    });
-                }
-                let (mut parts, body) = response.into_parts();
-                if parts.headers.contains_key(header::CONNECTION) {
-                    strip_hop_headers(
-                        &mut parts.headers,
-                        parts.status == StatusCode::SWITCHING_PROTOCOLS,
-                    );
-                }
-                parts.headers.remove(&KEEP_ALIVE);
-                parts.headers.insert(&X_REQUEST_ID, request_id);
-                let body = UpstreamBody {
-                    inner: body,
-                    sender: (!upgrade).then_some(sender),
-                    backend,
-                    done: false,
-                };
-                return Response::from_parts(parts, Either::Left(body));
+                return response(instance, head, backend, request_id, client_upgrade);
             }
-            Ok(Err(mut error)) => {
-                backend.outstanding.fetch_sub(1, Ordering::Relaxed);
-                match error.take_message() {
-                    // Never written: the pooled connection had closed.
-                    // Safe to send again, whatever the method.
-                    Some(message) => {
-                        req = message;
-                        continue;
-                    }
-                    None => {
-                        route.metrics.upstream_error();
-                        let error = error.into_error();
-                        tracing::warn!(
-                            route = %route.label,
-                            upstream = %backend.addr,
-                            error = %error,
-                            "instance failed the request"
-                        );
-                        *upstream = Some(backend);
-                        return if error.is_body_write_aborted() || limited(&error) {
-                            text(
-                                StatusCode::PAYLOAD_TOO_LARGE,
-                                "keel router: the request body is larger than this route accepts\n",
-                            )
-                        } else {
-                            text(
-                                StatusCode::BAD_GATEWAY,
-                                "keel router: the instance failed to answer\n",
-                            )
-                        };
-                    }
-                }
-            }
+            Ok(Err(error)) => error,
             Err(_) => {
                 backend.outstanding.fetch_sub(1, Ordering::Relaxed);
                 route.metrics.upstream_error();
@@ -469,7 +374,48 @@ async fn forward(
                     "keel router: the instance did not answer in time\n",
                 );
             }
+        };
+        backend.outstanding.fetch_sub(1, Ordering::Relaxed);
+        if let ExchangeError::NoResponse(_) = &error
+            && !has_body
+        {
+            if instance.reused {
+                // The instance had closed this idle connection: it never
+                // read the request. Send it again, on a new connection.
+                continue;
+            }
+            if idempotent && failed.is_none() {
+                route.metrics.upstream_error();
+                tracing::warn!(
+                    route = %route.label,
+                    upstream = %backend.addr,
+                    error = %error,
+                    "instance closed the connection without answering; retrying on another"
+                );
+                failed = Some(backend);
+                continue;
+            }
         }
+        route.metrics.upstream_error();
+        tracing::warn!(
+            route = %route.label,
+            upstream = %backend.addr,
+            error = %error,
+            source = ?std::error::Error::source(&error),
+            "instance failed the request"
+        );
+        *upstream = Some(backend);
+        return match error {
+            ExchangeError::BodyTooLarge => too_large(),
+            ExchangeError::ClientBody(_) => text(
+                StatusCode::BAD_REQUEST,
+                "keel router: the request body could not be read from the client\n",
+            ),
+            _ => text(
+                StatusCode::BAD_GATEWAY,
+                "keel router: the instance failed to answer\n",
+            ),
+        };
     }
     text(
         StatusCode::BAD_GATEWAY,
@@ -477,62 +423,59 @@ async fn forward(
     )
 }
 
-/// Whether a failed request failed because its body passed the limit.
-fn limited(error: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(error);
-    while let Some(s) = source {
-        if s.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = s.source();
-    }
-    false
+fn too_large() -> Response<RespBody> {
+    text(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "keel router: the request body is larger than this route accepts\n",
+    )
 }
 
-/// An instance's response body on its way to the client. When it has been
-/// read to the end, its connection goes back to the pool; dropped early
-/// (the client went away), the connection is closed with it.
-#[derive(Debug)]
-pub(crate) struct UpstreamBody {
-    inner: Incoming,
-    sender: Option<SendRequest<UpBody>>,
+/// The client's response from an instance's response head; the body is
+/// read from `instance` as the client takes it. A 101 hands both
+/// connections to a tunnel of their own.
+fn response(
+    mut instance: Conn,
+    head: upstream::Head,
     backend: Arc<Backend>,
-    done: bool,
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.done = true,
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.done = true,
-            _ => {}
-        }
-        polled
+    request_id: HeaderValue,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<RespBody> {
+    let switching = head.status == StatusCode::SWITCHING_PROTOCOLS;
+    let body = if switching {
+        backend.outstanding.fetch_sub(1, Ordering::Relaxed);
+        let Some(client_upgrade) = client_upgrade else {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                "keel router: the instance switched protocols unasked\n",
+            );
+        };
+        let early = instance.take_buffered();
+        tokio::spawn(async move {
+            let Ok(client) = client_upgrade.await else {
+                return;
+            };
+            let mut client = TokioIo::new(client);
+            if !early.is_empty() && client.write_all(&early).await.is_err() {
+                return;
+            }
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut instance.stream).await;
+        });
+        Either::Right(Full::new(Bytes::new()))
+    } else {
+        Either::Left(UpstreamBody::new(instance, &head, backend))
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = head.status;
+    let headers = response.headers_mut();
+    *headers = head.headers;
+    if headers.contains_key(header::CONNECTION) {
+        strip_hop_headers(headers, switching);
     }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+    headers.remove(&KEEP_ALIVE);
+    if headers.remove(header::TRANSFER_ENCODING).is_some() {
+        // The body is handed on decoded; the client's side frames it.
+        headers.remove(header::CONTENT_LENGTH);
     }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        self.backend.outstanding.fetch_sub(1, Ordering::Relaxed);
-        if (self.done || self.inner.is_end_stream())
-            && let Some(sender) = self.sender.take()
-        {
-            self.backend.pool.put(sender);
-        }
-    }
+    headers.insert(&X_REQUEST_ID, request_id);
+    response
 }

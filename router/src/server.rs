@@ -73,14 +73,16 @@ fn http_builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Runs one worker until `stop`, then drains for up to `grace`.
+/// Runs worker `index` until `stop`, then drains for up to `grace`.
 pub(crate) fn run_worker(
+    index: usize,
     shared: Arc<Shared>,
     listeners: WorkerListeners,
     tls: Option<tokio_rustls::TlsAcceptor>,
     stop: watch::Receiver<bool>,
     grace: Duration,
 ) -> Result<(), RouterError> {
+    crate::pool::set_worker(index);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -270,20 +272,14 @@ async fn passthrough_connection(
         let Some(backend) = route.pick(shared.balance, now_ms, failed.as_ref()).cloned() else {
             break;
         };
-        let connect = async {
-            match backend.socket {
-                Some(addr) => TcpStream::connect(addr).await,
-                None => TcpStream::connect(backend.addr.as_str()).await,
-            }
-        };
-        let connected = tokio::time::timeout(
+        let connected = crate::upstream::connect_stream(
+            &backend,
             Duration::from_millis(shared.limits.connect_timeout_ms),
-            connect,
         )
         .await;
         let mut instance = match connected {
-            Ok(Ok(instance)) => instance,
-            _ => {
+            Ok(instance) => instance,
+            Err(_) => {
                 route.metrics.upstream_error();
                 backend.down_until_ms.store(
                     shared.now_ms() + shared.limits.backend_down_ms,
