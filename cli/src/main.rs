@@ -328,6 +328,13 @@ pub(crate) fn default_data_dir() -> PathBuf {
     }
 }
 
+/// mimalloc rather than glibc's allocator: the router allocates and frees
+/// small buffers per request, and glibc's trimming (madvise) and
+/// consolidation showed in its profile; `bench/router.sh` measures the
+/// router with the same allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(

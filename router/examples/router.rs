@@ -13,6 +13,10 @@ use std::net::SocketAddr;
 use anyhow::{Context, bail};
 use keel_router::{Router, RouterConfig, TableSource};
 
+// As in the `keel` binary: the allocator is part of what is measured.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -63,6 +63,10 @@ fn http_builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
         .max_buf_size(limits.max_header_bytes.max(8192))
+        // One flat buffer and send(2) rather than writev(2): a response
+        // head and a small body are copied once in user space, which costs
+        // less than the kernel's vectored path (measured with perf).
+        .writev(false)
         .keep_alive(true);
     builder
         .http2()

@@ -30,7 +30,7 @@ use crate::table::Backend;
 /// Response heads larger than this are refused (502).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Headers in one response head.
-const MAX_HEADERS: usize = 128;
+const MAX_HEADERS: usize = 100;
 /// Room a read asks for at least.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -312,9 +312,15 @@ async fn read_head(conn: &mut Conn, head_request: bool) -> Result<Head, Exchange
 /// Parses a complete head off the front of `buf`; `None` when more bytes
 /// are needed.
 fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, ExchangeError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut slots);
-    let len = match response.parse(buf) {
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut slots,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
