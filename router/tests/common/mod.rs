@@ -192,6 +192,7 @@ pub fn route(host: &str, path: &str, tls: RouteTls, backends: &[SocketAddr]) -> 
         backends: backends.iter().map(|a| a.to_string()).collect(),
         redirect_https: false,
         hsts: false,
+        listen_port: None,
     }
 }
 
