@@ -235,11 +235,9 @@ async fn a_port_in_use_is_reported_and_the_others_are_served() -> anyhow::Result
         Some(0.0),
         "{metrics}"
     );
-    assert_eq!(
-        series("keel_router_tcp_listen_errors_total", busy),
-        Some(1.0),
-        "{metrics}"
-    );
+    // At least once: the router also retries every few seconds.
+    let errors = series("keel_router_tcp_listen_errors_total", busy);
+    assert!(errors.is_some_and(|n| n >= 1.0), "{metrics}");
     assert_eq!(
         series("keel_router_tcp_listening", free),
         Some(1.0),
@@ -260,7 +258,7 @@ async fn a_port_in_use_is_reported_and_the_others_are_served() -> anyhow::Result
             http.port()
         ),
     );
-    assert_eq!(errors, Some(1.0), "{metrics}");
+    assert!(errors.is_some_and(|n| n >= 1.0), "{metrics}");
 
     // Freed, the port is taken on the next table.
     drop(taken);
