@@ -293,6 +293,23 @@ pub async fn deploy(session: &Session, options: DeployOptions) -> anyhow::Result
     }
     outcome?;
     for route in &manifest.routes {
+        let route = match route {
+            keel_manifest::Route::Host(route) => route,
+            keel_manifest::Route::Tcp(route) => {
+                let mut line = format!("  tcp port {} on every router", route.listen_port);
+                // The router's TCP listeners default to its HTTP address's IP.
+                if let Some(router) = &session.context.router_http
+                    && let Ok(addr) = router.parse::<std::net::SocketAddr>()
+                {
+                    line.push_str(&format!(
+                        "   (from here: {})",
+                        std::net::SocketAddr::new(addr.ip(), route.listen_port)
+                    ));
+                }
+                println!("{line}");
+                continue;
+            }
+        };
         let scheme = match route.tls {
             keel_manifest::TlsMode::Off => "http",
             _ => "https",
@@ -480,7 +497,9 @@ pub async fn apps(session: &Session, project: Option<&str>) -> anyhow::Result<()
                     r.iter()
                         .map(|r| {
                             let path = text(r, "path");
-                            if path == "/" {
+                            if let Some(port) = r["listen_port"].as_u64() {
+                                format!("tcp:{port}")
+                            } else if path == "/" {
                                 text(r, "host")
                             } else {
                                 format!("{}{path}", text(r, "host"))
@@ -540,6 +559,13 @@ pub async fn app_show(session: &Session, name: &str, project: Option<&str>) -> a
         out.push_str(&format!("Instances:  {ready} ready of {desired}\n"));
         if let Some(routes) = manifest["routes"].as_array() {
             for route in routes {
+                if let Some(port) = route["listen_port"].as_u64() {
+                    out.push_str(&format!(
+                        "Route:      tcp port {port} (every router) -> port {}\n",
+                        text(route, "port"),
+                    ));
+                    continue;
+                }
                 out.push_str(&format!(
                     "Route:      {}{} -> port {} (tls {})\n",
                     text(route, "host"),
@@ -985,10 +1011,16 @@ pub async fn routes(session: &Session) -> anyhow::Result<()> {
             .empty("No routes: give an app `routes:` in its manifest.");
         for route in value["routes"].as_array().into_iter().flatten() {
             let backends = route["backends"].as_array().map(Vec::len).unwrap_or(0);
+            // A plain TCP route has no host, path or TLS: it is its port on
+            // every router.
+            let (host, path, tls) = match route["listen_port"].as_u64() {
+                Some(port) => (format!("tcp:{port}"), "-".to_owned(), "-".to_owned()),
+                None => (text(route, "host"), text(route, "path"), text(route, "tls")),
+            };
             table.row(vec![
-                text(route, "host"),
-                text(route, "path"),
-                text(route, "tls"),
+                host,
+                path,
+                tls,
                 format!("{}/{}", text(route, "project"), text(route, "app")),
                 text(route, "port"),
                 if backends == 0 {

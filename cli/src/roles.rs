@@ -30,6 +30,10 @@ pub struct RouterArgs {
     /// Prometheus `/metrics`. Off unless given.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// The IP address plain TCP routes listen on, each on its route's
+    /// `listen_port`. Default: the --http address's IP (else --https's).
+    #[arg(long)]
+    pub tcp_ip: Option<std::net::IpAddr>,
     /// Threads serving traffic (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub router_threads: usize,
@@ -53,6 +57,7 @@ fn start_router(args: &RouterArgs, source: TableSource) -> anyhow::Result<Router
         http_addr: args.http.0,
         https_addr: args.https.0,
         metrics_addr: args.metrics,
+        tcp_ip: args.tcp_ip,
         worker_threads: args.router_threads,
         source,
         ..RouterConfig::default()
@@ -71,6 +76,10 @@ fn print_router(router: &RouterHandle) {
     if let Some(metrics) = addresses.metrics {
         println!("Router metrics: http://{metrics}/metrics");
     }
+    println!(
+        "Router TCP routes: on {} (each route's listen_port)",
+        addresses.tcp_ip
+    );
 }
 
 async fn start_agent(settings: NodeSettings) -> anyhow::Result<AgentHandle> {
@@ -265,6 +274,7 @@ pub async fn up(command: UpCommand) -> anyhow::Result<()> {
         http: command.http,
         https: command.https,
         metrics: None,
+        tcp_ip: None,
         router_threads: 0,
     };
     let router = start_router(

@@ -228,3 +228,60 @@ async fn role_commands_refuse_wrong_flags_with_the_flag_named() {
         "{error}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_tcp_route_is_shown_by_its_port_and_has_one_owner() {
+    let cluster = SimCluster::start(&nodes_in_zones(1, &["a"]))
+        .await
+        .expect("cluster");
+    let cli = Cli::new();
+    let url = cluster.admin().base_url().to_owned();
+    cli.ok(&["login", &url, "--token", cluster.admin().token()])
+        .await;
+    let db = "name: db\nproject: shop\nimage: example/pg:17\nports:\n  - {name: pg, port: 5432, protocol: tcp}\nroutes:\n  - listen_port: 15432\n";
+    let file = cli.write("db.yaml", db);
+    let deploy = cli.ok(&["deploy", "-f", &file]).await;
+    assert!(
+        deploy.contains("tcp port 15432 on every router"),
+        "{deploy}"
+    );
+    let routes = cli.ok(&["routes"]).await;
+    let line = routes
+        .lines()
+        .find(|l| l.contains("shop/db"))
+        .unwrap_or_default();
+    assert!(
+        line.starts_with("tcp:15432") && line.contains(" pg "),
+        "{routes}"
+    );
+    let apps = cli.ok(&["apps"]).await;
+    assert!(apps.contains("tcp:15432"), "{apps}");
+    let shown = cli.ok(&["app", "show", "db"]).await;
+    assert!(
+        shown.contains("tcp port 15432 (every router) -> port pg"),
+        "{shown}"
+    );
+
+    // Another app, even in another project, cannot have the port.
+    let other = cli.write(
+        "other.yaml",
+        &db.replace("name: db", "name: copy")
+            .replace("project: shop", "project: lab"),
+    );
+    let error = cli.fails(&["deploy", "-f", &other]).await;
+    assert!(
+        error.contains("listen port 15432") && error.contains("shop/db"),
+        "{error}"
+    );
+    // A listen_port on an http port is caught before any request, with
+    // where it is.
+    let wrong = cli.write(
+        "wrong.yaml",
+        "name: web\nproject: shop\nimage: example/web:1\nports:\n  - {name: http, port: 80}\nroutes:\n  - {listen_port: 8080, port: http}\n",
+    );
+    let error = cli.fails(&["deploy", "-f", &wrong]).await;
+    assert!(
+        error.contains("wrong.yaml:7:") && error.contains("routes[0].port"),
+        "{error}"
+    );
+}

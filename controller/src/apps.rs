@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use keel_manifest::{AppManifest, Instances};
+use keel_manifest::{AppManifest, Instances, Route};
 use keel_store::{Compare, CompareOp, KeyValue, Op, RangeRequest, Revision, Store, Txn};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -79,16 +79,30 @@ pub(crate) fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
     )]))
 }
 
-/// The route claim keys of a manifest.
+/// The claim keys of a manifest's routes: host and path, or listen port.
 fn claims(manifest: Option<&AppManifest>) -> BTreeSet<String> {
     manifest
         .map(|m| {
             m.routes
                 .iter()
-                .map(|r| keys::route_claim(&r.host, &r.path))
+                .map(|r| match r {
+                    Route::Host(r) => keys::route_claim(&r.host, &r.path),
+                    Route::Tcp(r) => keys::listen_port_claim(r.listen_port),
+                })
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// What a claim key claims, as a user reads it in a conflict.
+fn claimed(key: &str) -> String {
+    if let Some(route) = key.strip_prefix(&keys::route_claims()) {
+        format!("route {route}")
+    } else if let Some(port) = key.strip_prefix(&keys::listen_port_claims()) {
+        format!("listen port {port} (a plain TCP route on every router)")
+    } else {
+        key.to_owned()
+    }
 }
 
 fn event_ops(sequence: Revision, events: &[EventRecord]) -> Result<Vec<Op>, ApiError> {
@@ -160,9 +174,9 @@ impl Apps {
         for key in &new {
             match self.store.get(key).await? {
                 Some(kv) if kv.value != owner.as_bytes() => {
-                    let route = key.trim_start_matches("/keel/route-claims/");
                     return Err(ApiError::Conflict(format!(
-                        "route {route} is already served by app {}",
+                        "{} is already served by app {}",
+                        claimed(key),
                         String::from_utf8_lossy(&kv.value)
                     )));
                 }

@@ -67,7 +67,19 @@ pub mod keys {
     /// Which app serves a host and path prefix: one owner each, taken in
     /// the same transaction as the revision that routes it.
     pub fn route_claim(host: &str, path: &str) -> String {
-        format!("/keel/route-claims/{host}{path}")
+        format!("{}{host}{path}", route_claims())
+    }
+    pub fn route_claims() -> String {
+        "/keel/route-claims/".to_owned()
+    }
+    /// Which app a plain TCP route's listen port belongs to: one owner in
+    /// the cluster, since every router listens on it. Taken like a route
+    /// claim.
+    pub fn listen_port_claim(port: u16) -> String {
+        format!("{}{port}", listen_port_claims())
+    }
+    pub fn listen_port_claims() -> String {
+        "/keel/listen-port-claims/".to_owned()
     }
 }
 

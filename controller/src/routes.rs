@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use keel_manifest::{Protocol, TlsMode};
+use keel_manifest::{Protocol, Route, TlsMode};
 use keel_protocol::{InstanceRef, RouteEntry, RouteTable, RouteTls};
 use keel_store::{Revision, Store};
 use tokio::sync::mpsc;
@@ -85,40 +85,56 @@ impl Routes {
             let manifest = &revision.manifest;
             let serving = ready.get(&(app.project.clone(), app.name.clone()));
             for route in &manifest.routes {
+                let port = route.port();
                 let protocol = manifest
                     .ports
                     .iter()
-                    .find(|p| p.name == route.port)
+                    .find(|p| p.name == port)
                     .map_or(Protocol::Http, |p| p.protocol);
                 let mut backends: Vec<String> = serving
                     .into_iter()
                     .flatten()
-                    .filter_map(|s| s.status.ports.get(&route.port).cloned())
+                    .filter_map(|s| s.status.ports.get(port).cloned())
                     .collect();
                 backends.sort();
-                routes.push(RouteEntry {
-                    host: route.host.clone(),
-                    path: route.path.clone(),
-                    tls: match route.tls {
-                        TlsMode::Terminate => RouteTls::Terminate,
-                        TlsMode::Passthrough => RouteTls::Passthrough,
-                        TlsMode::Off => RouteTls::Off,
-                    },
+                let mut entry = RouteEntry {
+                    host: String::new(),
+                    path: "/".to_owned(),
+                    tls: RouteTls::Off,
                     project: app.project.clone(),
                     app: app.name.clone(),
-                    port: route.port.clone(),
+                    port: port.to_owned(),
                     protocol: match protocol {
                         Protocol::Http => "http",
                         Protocol::Tcp => "tcp",
                     }
                     .to_owned(),
                     backends,
-                    redirect_https: route.redirect_https,
-                    hsts: route.hsts,
-                });
+                    redirect_https: false,
+                    hsts: false,
+                    listen_port: None,
+                };
+                match route {
+                    Route::Host(route) => {
+                        entry.host = route.host.clone();
+                        entry.path = route.path.clone();
+                        entry.tls = match route.tls {
+                            TlsMode::Terminate => RouteTls::Terminate,
+                            TlsMode::Passthrough => RouteTls::Passthrough,
+                            TlsMode::Off => RouteTls::Off,
+                        };
+                        entry.redirect_https = route.redirect_https;
+                        entry.hsts = route.hsts;
+                    }
+                    Route::Tcp(route) => entry.listen_port = Some(route.listen_port),
+                }
+                routes.push(entry);
             }
         }
-        routes.sort_by(|a, b| (&a.host, &a.path).cmp(&(&b.host, &b.path)));
+        // Plain TCP routes (no host) first, by port; then by host and path.
+        routes.sort_by(|a, b| {
+            (&a.host, &a.path, a.listen_port).cmp(&(&b.host, &b.path, b.listen_port))
+        });
         Ok(RouteTable {
             generation,
             routes,

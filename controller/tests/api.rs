@@ -1202,3 +1202,105 @@ async fn the_console_is_served_without_a_token_and_loads_nothing_from_elsewhere(
         .unwrap();
     assert!(page.contains("/console/app.js") && page.contains("/console/style.css"));
 }
+
+const DB: &str = "name: db\nproject: shop\nimage: keel/test-server:1\ninstances: 1\nports:\n  - {name: pg, port: 5432, protocol: tcp}\nroutes:\n  - listen_port: 5432\n";
+
+#[tokio::test]
+async fn a_listen_port_has_one_owner_in_the_cluster_and_is_in_the_table() {
+    let h = Harness::start().await;
+    let json = "application/json";
+    assert_eq!(h.apply(DB).await.0, StatusCode::CREATED);
+
+    // Another project's app cannot take the port: routers are shared.
+    let thief = DB
+        .replace("name: db", "name: thief")
+        .replace("project: shop", "project: other");
+    let (status, body) = h.apply(&thief).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("listen port 5432") && message.contains("already served by app shop/db"),
+        "{body}"
+    );
+    let (status, _) = h.get("/v1/projects/other/apps/thief").await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "the refused apply left nothing"
+    );
+
+    // An app that exists and asks for the port keeps what it had.
+    let cache = "name: cache\nproject: other\nimage: keel/test-server:1\nports:\n  - {name: redis, port: 6379, protocol: tcp}\nroutes:\n  - listen_port: 6379\n";
+    assert_eq!(h.apply(cache).await.0, StatusCode::CREATED);
+    let greedy = format!("{cache}  - listen_port: 5432\n");
+    let (status, body) = h.apply(&greedy).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (_, view) = h.get("/v1/projects/other/apps/cache").await;
+    assert_eq!(view["app"]["revision"], 1, "{view}");
+    assert_eq!(
+        h.apply(&thief.replace("5432\n", "6379\n")).await.0,
+        StatusCode::CONFLICT,
+        "cache still holds 6379"
+    );
+
+    // The table has the route, without a host, and its ready instance.
+    let registration = registration("r1", "eu-a").replace(r#"["worker"]"#, r#"["router"]"#);
+    let (status, body) = h
+        .call_as(
+            &h.join_token,
+            Method::POST,
+            "/v1/nodes",
+            Some((json, &registration)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let node_token = body["token"].as_str().unwrap().to_owned();
+    let id = loop {
+        let (_, instances) = h.get("/v1/projects/shop/apps/db/instances").await;
+        if instances[0]["node"] == "r1" {
+            break instances[0]["id"].as_str().unwrap().to_owned();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let report = format!(
+        r#"{{"instances":[{{"project":"shop","app":"db","id":"{id}","state":"running","ready":true,"ports":{{"pg":"127.0.0.2:31000"}}}}]}}"#
+    );
+    let (status, body) = h
+        .call_as(
+            &node_token,
+            Method::POST,
+            "/v1/nodes/r1/status",
+            Some((json, &report)),
+        )
+        .await;
+    assert!(status.is_success(), "{status} {body}");
+    let (_, table) = h.get("/v1/routes").await;
+    let db = table["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["app"] == "db")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        db,
+        serde_json::json!({
+            "host": "", "path": "/", "tls": "off", "project": "shop", "app": "db",
+            "port": "pg", "protocol": "tcp", "backends": ["127.0.0.2:31000"],
+            "listen_port": 5432,
+        }),
+        "{table}"
+    );
+
+    // Moving the route frees the port; deleting the app frees the new one.
+    let moved = DB.replace("listen_port: 5432", "listen_port: 15432");
+    assert_eq!(h.apply(&moved).await.0, StatusCode::OK);
+    assert_eq!(h.apply(&thief).await.0, StatusCode::CREATED);
+    let other = thief
+        .replace("name: thief", "name: second")
+        .replace("5432\n", "15432\n");
+    assert_eq!(h.apply(&other).await.0, StatusCode::CONFLICT);
+    h.call(Method::DELETE, "/v1/projects/shop/apps/db", None)
+        .await;
+    assert_eq!(h.apply(&other).await.0, StatusCode::CREATED);
+}

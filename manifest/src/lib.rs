@@ -75,8 +75,9 @@ use std::path::Path;
 
 pub use error::{ManifestErrors, Problem};
 pub use types::{
-    AppManifest, Backoff, Constraint, ConstraintOp, HealthCheck, Instances, Placement, Port, Probe,
-    Protocol, Resources, Restart, RestartPolicy, Route, Strategy, TlsMode, Update,
+    AppManifest, Backoff, Constraint, ConstraintOp, HealthCheck, HostRoute, Instances, Placement,
+    Port, Probe, Protocol, Resources, Restart, RestartPolicy, Route, Strategy, TcpRoute, TlsMode,
+    Update,
 };
 
 /// A manifest larger than this is rejected before parsing: the API parses

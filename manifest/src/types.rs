@@ -38,7 +38,8 @@ pub struct AppManifest {
     pub instances: Instances,
     /// The ports the container listens on. Default: none.
     pub ports: Vec<Port>,
-    /// Host names (and path prefixes) routed to a port. Default: none.
+    /// Host names (and path prefixes), or router ports, routed to a port.
+    /// Default: none.
     pub routes: Vec<Route>,
     /// How readiness and liveness are probed. Default: none; an instance is
     /// ready when its container runs.
@@ -145,12 +146,35 @@ pub enum Protocol {
     /// HTTP/1.1 or HTTP/2 (h2c): routable by host and path.
     #[default]
     Http,
-    /// Any TCP stream: reachable through `tls: passthrough` routes only.
+    /// Any TCP stream: reachable through `tls: passthrough` routes (by SNI)
+    /// and `listen_port` routes (plain TCP) only.
     Tcp,
 }
 
+/// How traffic reaches one of the app's ports: by host name (HTTP, HTTPS,
+/// TLS passthrough by SNI) or by a port of its own on every router (plain
+/// TCP). Written as the manifest writes it: a route with `listen_port` is
+/// [`Route::Tcp`], any other [`Route::Host`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Route {
+#[serde(untagged)]
+pub enum Route {
+    Host(HostRoute),
+    Tcp(TcpRoute),
+}
+
+impl Route {
+    /// The name of the app's port the route goes to.
+    pub fn port(&self) -> &str {
+        match self {
+            Route::Host(route) => &route.port,
+            Route::Tcp(route) => &route.port,
+        }
+    }
+}
+
+/// A route chosen by host name (and, for HTTP, path prefix).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostRoute {
     /// The host name the router matches; `*.example.com` matches one label
     /// in place of the `*`. Required.
     pub host: String,
@@ -170,6 +194,19 @@ pub struct Route {
     /// with `tls: terminate`. Default: false.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub hsts: bool,
+}
+
+/// A plain TCP route: every router forwards the connections it accepts on
+/// `listen_port` to a ready instance's `tcp` port, bytes untouched. The
+/// router sees no host, path or TLS, so the route has none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TcpRoute {
+    /// The port every router listens on for this route, 1..65535; one app
+    /// in the cluster at most may claim it. Required.
+    pub listen_port: u16,
+    /// The name of a `tcp` port traffic goes to. Default: the app's only
+    /// port; required when it has several.
+    pub port: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]

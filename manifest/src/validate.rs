@@ -12,8 +12,9 @@ use crate::error::{ManifestErrors, Problem};
 use crate::names;
 use crate::tree::{Describe, Node, Pos, Value};
 use crate::types::{
-    AppManifest, Backoff, Constraint, ConstraintOp, HealthCheck, Instances, Placement, Port, Probe,
-    Protocol, Resources, Restart, RestartPolicy, Route, Strategy, TlsMode, Update,
+    AppManifest, Backoff, Constraint, ConstraintOp, HealthCheck, HostRoute, Instances, Placement,
+    Port, Probe, Protocol, Resources, Restart, RestartPolicy, Route, Strategy, TcpRoute, TlsMode,
+    Update,
 };
 
 pub(crate) fn manifest(root: &Node) -> Result<AppManifest, ManifestErrors> {
@@ -631,119 +632,230 @@ impl Cx {
     }
 
     fn routes(&mut self, node: Option<&Node>, known: &KnownPorts<'_>) -> Vec<Route> {
+        const FIELDS: &[&str] = &[
+            "host",
+            "path",
+            "port",
+            "tls",
+            "redirect_https",
+            "hsts",
+            "listen_port",
+        ];
         let mut routes: Vec<Route> = Vec::new();
         let Some(items) = node.and_then(|n| self.list(n, "routes")) else {
             return routes;
         };
-        // (host, path, passthrough, index) of the valid routes so far.
+        // (host, path, passthrough, index) of the valid host routes so far.
         let mut seen: Vec<(String, String, bool, usize)> = Vec::new();
+        // listen port -> index of the route that has it.
+        let mut listening: BTreeMap<u16, usize> = BTreeMap::new();
         for (i, item) in items.iter().enumerate() {
             let path = index("routes", i);
-            let Some(obj) = self.object(
-                item,
-                &path,
-                &["host", "path", "port", "tls", "redirect_https", "hsts"],
-            ) else {
+            let Some(obj) = self.object(item, &path, FIELDS) else {
                 continue;
             };
-            let host = self
-                .required(&obj, "host")
-                .and_then(|n| self.named(n, &obj.path("host"), names::hostname));
-            let prefix = match obj.get("path") {
-                Some(n) => self.named(n, &obj.path("path"), names::path_prefix),
-                None => Some("/".to_owned()),
+            let route = match obj.get("listen_port") {
+                Some(listen_node) => self
+                    .tcp_route(&obj, listen_node, known, &mut listening, i)
+                    .map(Route::Tcp),
+                None => self.host_route(&obj, known, &mut seen, i).map(Route::Host),
             };
-            let tls = match obj.get("tls") {
-                Some(n) => self.choice(
-                    n,
-                    &obj.path("tls"),
-                    &[
-                        ("terminate", TlsMode::Terminate),
-                        ("passthrough", TlsMode::Passthrough),
-                        ("off", TlsMode::Off),
-                    ],
-                ),
-                None => Some(TlsMode::default()),
-            };
-            let port_node = obj.get("port");
-            let port = self.port_ref(port_node, &obj, known);
-            match (port, tls) {
-                (Some(port), Some(tls))
-                    if port.protocol == Protocol::Tcp && tls != TlsMode::Passthrough =>
-                {
-                    let message = format!(
-                        "port {:?} is tcp: only a `tls: passthrough` route (chosen by SNI) can \
-                         reach a tcp port; an HTTP route needs an http port",
-                        port.name
-                    );
-                    self.report(
-                        &obj.path("port"),
-                        port_node.map_or(obj.pos, |n| n.pos),
-                        message,
-                    );
-                }
-                _ => {}
-            }
-            match (tls, &prefix, obj.get("path")) {
-                (Some(TlsMode::Passthrough), Some(p), Some(n)) if p != "/" => self.report(
-                    &obj.path("path"),
-                    n.pos,
-                    "a passthrough route cannot have a path prefix: the router does not \
-                     decrypt the traffic, so it never sees the path",
-                ),
-                _ => {}
-            }
-            // Both act on HTTP the router decrypts: meaningless otherwise.
-            let mut flag = |name: &str| -> bool {
-                let Some(node) = obj.get(name) else {
-                    return false;
-                };
-                let value = self.boolean(node, &obj.path(name)).unwrap_or(false);
-                if value && tls.is_some_and(|t| t != TlsMode::Terminate) {
-                    self.report(
-                        &obj.path(name),
-                        node.pos,
-                        format!("{name} needs `tls: terminate`: only then does the router serve HTTPS for the route"),
-                    );
-                }
-                value
-            };
-            let redirect_https = flag("redirect_https");
-            let hsts = flag("hsts");
-            let (Some(host), Some(prefix), Some(port), Some(tls)) = (host, prefix, port, tls)
-            else {
-                continue;
-            };
-            let passthrough = tls == TlsMode::Passthrough;
-            for (h, p, other_passthrough, j) in &seen {
-                if *h != host {
-                    continue;
-                }
-                let message = if *p == prefix {
-                    format!("routes[{j}] already routes host {host} path {prefix}")
-                } else if passthrough || *other_passthrough {
-                    format!(
-                        "host {host} has a passthrough route and another one (routes[{j}]): a \
-                         passthrough host is chosen by SNI before any path is seen, so it can \
-                         have only one route"
-                    )
-                } else {
-                    continue;
-                };
-                self.report(&path, obj.pos, message);
-                break;
-            }
-            seen.push((host.clone(), prefix.clone(), passthrough, i));
-            routes.push(Route {
-                host,
-                path: prefix,
-                port: port.name.to_owned(),
-                tls,
-                redirect_https,
-                hsts,
-            });
+            routes.extend(route);
         }
         routes
+    }
+
+    /// A route with `listen_port`: raw TCP on a router port of its own.
+    fn tcp_route(
+        &mut self,
+        obj: &Obj<'_>,
+        listen_node: &Node,
+        known: &KnownPorts<'_>,
+        listening: &mut BTreeMap<u16, usize>,
+        i: usize,
+    ) -> Option<TcpRoute> {
+        let listen_path = obj.path("listen_port");
+        let listen_port = self
+            .int(listen_node, &listen_path, 1, 65_535)
+            .and_then(|n| u16::try_from(n).ok());
+        // The router forwards the bytes as they come: it sees no host,
+        // path or TLS, so a field that would choose or change them is a
+        // mistake, not something to ignore.
+        let mut ok = true;
+        for (name, why) in [
+            (
+                "host",
+                "the route is chosen by its port, not by a host name (drop host, or drop \
+                 listen_port to route by host)",
+            ),
+            ("path", "the router forwards raw TCP and never sees a path"),
+            (
+                "tls",
+                "the router forwards the TCP stream untouched (TLS included); tls is for \
+                 routes by host",
+            ),
+            (
+                "redirect_https",
+                "the router forwards raw TCP and never sees an HTTP request",
+            ),
+            (
+                "hsts",
+                "the router forwards raw TCP and never sees an HTTP response",
+            ),
+        ] {
+            if let Some(node) = obj.get(name) {
+                self.report(
+                    &obj.path(name),
+                    node.pos,
+                    format!("not allowed with listen_port: {why}"),
+                );
+                ok = false;
+            }
+        }
+        let port_node = obj.get("port");
+        let port = self.port_ref(port_node, obj, known);
+        if let Some(port) = port
+            && port.protocol != Protocol::Tcp
+        {
+            let message = format!(
+                "port {:?} is http: a listen_port route forwards raw TCP and needs a port with \
+                 `protocol: tcp` (route an http port by host)",
+                port.name
+            );
+            self.report(
+                &obj.path("port"),
+                port_node.map_or(obj.pos, |n| n.pos),
+                message,
+            );
+            ok = false;
+        }
+        let listen_port = listen_port?;
+        if let Some(first) = listening.get(&listen_port) {
+            let message = format!("routes[{first}] already listens on port {listen_port}");
+            self.report(&listen_path, listen_node.pos, message);
+            return None;
+        }
+        listening.insert(listen_port, i);
+        let port = port?;
+        ok.then(|| TcpRoute {
+            listen_port,
+            port: port.name.to_owned(),
+        })
+    }
+
+    /// A route by host name (and path prefix).
+    fn host_route(
+        &mut self,
+        obj: &Obj<'_>,
+        known: &KnownPorts<'_>,
+        seen: &mut Vec<(String, String, bool, usize)>,
+        i: usize,
+    ) -> Option<HostRoute> {
+        let host = match obj.fields.iter().find(|(n, _)| *n == "host") {
+            Some(_) => self.required(obj, "host"),
+            None => {
+                self.report(
+                    &obj.path("host"),
+                    obj.pos,
+                    "required field is missing (or listen_port, for a plain TCP route)",
+                );
+                None
+            }
+        };
+        let host = host.and_then(|n| self.named(n, &obj.path("host"), names::hostname));
+        let prefix = match obj.get("path") {
+            Some(n) => self.named(n, &obj.path("path"), names::path_prefix),
+            None => Some("/".to_owned()),
+        };
+        let tls = match obj.get("tls") {
+            Some(n) => self.choice(
+                n,
+                &obj.path("tls"),
+                &[
+                    ("terminate", TlsMode::Terminate),
+                    ("passthrough", TlsMode::Passthrough),
+                    ("off", TlsMode::Off),
+                ],
+            ),
+            None => Some(TlsMode::default()),
+        };
+        let port_node = obj.get("port");
+        let port = self.port_ref(port_node, obj, known);
+        match (port, tls) {
+            (Some(port), Some(tls))
+                if port.protocol == Protocol::Tcp && tls != TlsMode::Passthrough =>
+            {
+                let message = format!(
+                    "port {:?} is tcp: only a `tls: passthrough` route (chosen by SNI) or a \
+                     route with `listen_port` (plain TCP) can reach a tcp port; an HTTP route \
+                     needs an http port",
+                    port.name
+                );
+                self.report(
+                    &obj.path("port"),
+                    port_node.map_or(obj.pos, |n| n.pos),
+                    message,
+                );
+            }
+            _ => {}
+        }
+        match (tls, &prefix, obj.get("path")) {
+            (Some(TlsMode::Passthrough), Some(p), Some(n)) if p != "/" => self.report(
+                &obj.path("path"),
+                n.pos,
+                "a passthrough route cannot have a path prefix: the router does not \
+                 decrypt the traffic, so it never sees the path",
+            ),
+            _ => {}
+        }
+        // Both act on HTTP the router decrypts: meaningless otherwise.
+        let mut flag = |name: &str| -> bool {
+            let Some(node) = obj.get(name) else {
+                return false;
+            };
+            let value = self.boolean(node, &obj.path(name)).unwrap_or(false);
+            if value && tls.is_some_and(|t| t != TlsMode::Terminate) {
+                self.report(
+                    &obj.path(name),
+                    node.pos,
+                    format!("{name} needs `tls: terminate`: only then does the router serve HTTPS for the route"),
+                );
+            }
+            value
+        };
+        let redirect_https = flag("redirect_https");
+        let hsts = flag("hsts");
+        let (Some(host), Some(prefix), Some(port), Some(tls)) = (host, prefix, port, tls) else {
+            return None;
+        };
+        let passthrough = tls == TlsMode::Passthrough;
+        for (h, p, other_passthrough, j) in seen.iter() {
+            if *h != host {
+                continue;
+            }
+            let message = if *p == prefix {
+                format!("routes[{j}] already routes host {host} path {prefix}")
+            } else if passthrough || *other_passthrough {
+                format!(
+                    "host {host} has a passthrough route and another one (routes[{j}]): a \
+                     passthrough host is chosen by SNI before any path is seen, so it can \
+                     have only one route"
+                )
+            } else {
+                continue;
+            };
+            self.report(&obj.path, obj.pos, message);
+            break;
+        }
+        seen.push((host.clone(), prefix.clone(), passthrough, i));
+        Some(HostRoute {
+            host,
+            path: prefix,
+            port: port.name.to_owned(),
+            tls,
+            redirect_https,
+            hsts,
+        })
     }
 
     fn health(&mut self, node: &Node, known: &KnownPorts<'_>) -> Option<HealthCheck> {

@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 
 use keel_manifest::{
-    AppManifest, Backoff, Constraint, ConstraintOp, HealthCheck, Instances, Placement, Port, Probe,
-    Protocol, Resources, Restart, RestartPolicy, Route, Strategy, TlsMode, Update, anchored_regex,
-    parse_json, parse_yaml,
+    AppManifest, Backoff, Constraint, ConstraintOp, HealthCheck, HostRoute, Instances, Placement,
+    Port, Probe, Protocol, Resources, Restart, RestartPolicy, Route, Strategy, TcpRoute, TlsMode,
+    Update, anchored_regex, parse_json, parse_yaml,
 };
 
 const EXAMPLE_YAML: &str = include_str!("../examples/app.yaml");
@@ -28,13 +28,28 @@ fn strings(items: &[&str]) -> Vec<String> {
 }
 
 fn route(host: &str, path: &str, port: &str, tls: TlsMode) -> Route {
-    Route {
+    Route::Host(HostRoute {
         host: host.into(),
         path: path.into(),
         port: port.into(),
         tls,
         redirect_https: false,
         hsts: false,
+    })
+}
+
+fn tcp_route(listen_port: u16, port: &str) -> Route {
+    Route::Tcp(TcpRoute {
+        listen_port,
+        port: port.into(),
+    })
+}
+
+/// The host route at `i`, or a panic naming what is there instead.
+fn host_route(m: &AppManifest, i: usize) -> &HostRoute {
+    match &m.routes[i] {
+        Route::Host(route) => route,
+        other => panic!("routes[{i}] is not a host route: {other:?}"),
     }
 }
 
@@ -85,6 +100,7 @@ fn the_full_example_parses_to_exactly_this() {
                 "grpc-tls",
                 TlsMode::Passthrough,
             ),
+            tcp_route(8443, "grpc-tls"),
         ],
         health: Some(HealthCheck {
             probe: Probe::Http {
@@ -456,8 +472,8 @@ fn hosts_may_share_routes_by_path_and_wildcards() {
          \x20 - {{host: \"*.example.com\", port: web, tls: terminate}}\n"
     ));
     assert_eq!(m.routes.len(), 3);
-    assert_eq!(m.routes[1].path, "/api");
-    assert_eq!(m.routes[2].host, "*.example.com");
+    assert_eq!(host_route(&m, 1).path, "/api");
+    assert_eq!(host_route(&m, 2).host, "*.example.com");
 }
 
 #[test]
@@ -474,11 +490,13 @@ fn the_examples_in_the_reference_are_valid() {
         .skip(1)
         .filter_map(|rest| rest.split("```").next())
         .collect();
-    assert_eq!(blocks.len(), 3, "the reference's YAML examples");
+    assert_eq!(blocks.len(), 4, "the reference's YAML examples");
     for block in blocks {
         let text = if block.starts_with("constraints:") {
             let indented: String = block.lines().map(|l| format!("  {l}\n")).collect();
             format!("{MINIMAL}placement:\n{indented}")
+        } else if block.starts_with("ports:") {
+            format!("{MINIMAL}{block}")
         } else {
             block.to_owned()
         };
@@ -500,11 +518,49 @@ fn terminated_routes_may_redirect_to_https_and_send_hsts() {
          routes:\n  - {host: a.example.com, tls: terminate, redirect_https: true, hsts: true}\n\
          \x20 - {host: b.example.com, tls: terminate}\n",
     );
-    assert!(app.routes[0].redirect_https && app.routes[0].hsts);
-    assert!(!app.routes[1].redirect_https && !app.routes[1].hsts);
+    let (a, b) = (host_route(&app, 0), host_route(&app, 1));
+    assert!(a.redirect_https && a.hsts);
+    assert!(!b.redirect_https && !b.hsts);
     // Off by default and then absent from the canonical form, so that
     // manifests stored before these fields existed keep their bytes.
     let json = String::from_utf8(app.canonical_json()).unwrap();
     assert_eq!(json.matches("redirect_https").count(), 1, "{json}");
     assert_eq!(yaml(&json).routes, app.routes);
+}
+
+#[test]
+fn tcp_ports_are_routed_by_listen_port() {
+    let app = yaml(&format!(
+        "{MINIMAL}ports:\n  - {{name: web, port: 80}}\n  - {{name: db, port: 5432, protocol: tcp}}\n\
+         \x20 - {{name: cache, port: 6379, protocol: tcp}}\n\
+         routes:\n  - {{host: a.example.com, port: web}}\n  - {{listen_port: 5432, port: db}}\n\
+         \x20 - {{listen_port: 15432, port: db}}\n  - {{listen_port: 6379, port: cache}}\n\
+         \x20 - {{host: db.example.com, port: db, tls: passthrough}}\n"
+    ));
+    assert_eq!(
+        app.routes[1..4],
+        [
+            tcp_route(5432, "db"),
+            tcp_route(15432, "db"),
+            tcp_route(6379, "cache")
+        ]
+    );
+    assert_eq!(app.routes[4].port(), "db");
+    // The canonical form has only the two fields, and reads back the same.
+    let json = String::from_utf8(app.canonical_json()).unwrap();
+    assert!(
+        json.contains(r#"{"listen_port":5432,"port":"db"}"#),
+        "{json}"
+    );
+    assert_eq!(yaml(&json), app);
+    assert_eq!(parse_json(&json).unwrap(), app);
+}
+
+#[test]
+fn a_listen_port_route_defaults_to_the_only_port_and_takes_the_whole_range() {
+    let app = yaml(&format!(
+        "{MINIMAL}ports: [{{name: db, port: 5432, protocol: tcp}}]\n\
+         routes: [{{listen_port: 1}}, {{listen_port: 65535, host: ~, tls: null}}]\n"
+    ));
+    assert_eq!(app.routes, [tcp_route(1, "db"), tcp_route(65535, "db")]);
 }

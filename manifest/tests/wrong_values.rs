@@ -1211,3 +1211,123 @@ fn oversized_manifests_are_rejected_before_parsing() {
         "{found:?}"
     );
 }
+
+#[test]
+fn listen_port_routes() {
+    check(vec![
+        with_ports(
+            "routes:\n  - {listen_port: 0, port: db}\n",
+            "routes[0].listen_port",
+            8,
+            "must be 1..65535, got 0",
+        ),
+        with_ports(
+            "routes:\n  - {listen_port: 65536, port: db}\n",
+            "routes[0].listen_port",
+            8,
+            "must be 1..65535, got 65536",
+        ),
+        with_ports(
+            "routes:\n  - {listen_port: -1, port: db}\n",
+            "routes[0].listen_port",
+            8,
+            "must be 1..65535, got -1",
+        ),
+        with_ports(
+            "routes:\n  - {listen_port: \"5432\", port: db}\n",
+            "routes[0].listen_port",
+            8,
+            "expected an integer, got string \"5432\"",
+        ),
+        with_ports(
+            "routes:\n  - {listen_port: 54.32, port: db}\n",
+            "routes[0].listen_port",
+            8,
+            "expected an integer",
+        ),
+        with_ports(
+            "routes:\n  - {listen_port: 5432, port: web}\n",
+            "routes[0].port",
+            8,
+            "port \"web\" is http: a listen_port route forwards raw TCP",
+        ),
+        case(
+            "ports: [{name: web, port: 80}]\nroutes:\n  - listen_port: 5432\n",
+            "routes[0].port",
+            6,
+            "port \"web\" is http",
+        ),
+        with_ports(
+            "routes:\n  - listen_port: 5432\n",
+            "routes[0].port",
+            8,
+            "required when the app has more than one port (web, db)",
+        ),
+        with_ports(
+            "routes:\n  - {listen_port: 5432, port: dbb}\n",
+            "routes[0].port",
+            8,
+            "no port named \"dbb\"",
+        ),
+        with_ports(
+            "routes:\n  - {listen_port: 5432, port: db, host: db.example.com}\n",
+            "routes[0].host",
+            8,
+            "not allowed with listen_port: the route is chosen by its port",
+        ),
+        with_ports(
+            "routes:\n  - {listen_port: 5432, port: db, path: /}\n",
+            "routes[0].path",
+            8,
+            "not allowed with listen_port: the router forwards raw TCP and never sees a path",
+        ),
+        with_ports(
+            "routes:\n  - {listen_port: 5432, port: db, tls: passthrough}\n",
+            "routes[0].tls",
+            8,
+            "not allowed with listen_port",
+        ),
+        with_ports(
+            "routes:\n  - {listen_port: 5432, port: db, tls: off}\n",
+            "routes[0].tls",
+            8,
+            "not allowed with listen_port",
+        ),
+        with_ports(
+            "routes:\n  - {listen_port: 5432, port: db, redirect_https: false}\n",
+            "routes[0].redirect_https",
+            8,
+            "not allowed with listen_port",
+        ),
+        with_ports(
+            "routes:\n  - {listen_port: 5432, port: db, hsts: true}\n",
+            "routes[0].hsts",
+            8,
+            "not allowed with listen_port",
+        ),
+        with_ports(
+            "routes:\n  - {listen_port: 5432, port: db}\n  - {listen_port: 5432, port: db}\n",
+            "routes[1].listen_port",
+            9,
+            "routes[0] already listens on port 5432",
+        ),
+        with_ports(
+            "routes:\n  - {listen_port: 5432, port: db, listen-port: 1}\n",
+            "routes[0].listen-port",
+            8,
+            "unknown field",
+        ),
+        with_ports(
+            "routes:\n  - {port: web}\n",
+            "routes[0].host",
+            8,
+            "required field is missing (or listen_port, for a plain TCP route)",
+        ),
+        with_ports(
+            "routes:\n  - {host: db.example.com, port: db}\n",
+            "routes[0].port",
+            8,
+            "or a route with `listen_port` (plain TCP) can reach a tcp port",
+        ),
+    ]);
+}

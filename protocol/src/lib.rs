@@ -187,6 +187,25 @@ mod tests {
     }
 
     #[test]
+    fn route_entries_without_a_listen_port_read_and_write_as_before() {
+        // A table from a controller that predates plain TCP routes.
+        let old = r#"{"host":"a.example.com","path":"/","tls":"off","project":"p","app":"a","port":"web","protocol":"http","backends":["10.0.0.1:8080"]}"#;
+        let entry: RouteEntry = serde_json::from_str(old).expect("an old entry parses");
+        assert_eq!(entry.listen_port, None);
+        assert_eq!(serde_json::to_string(&entry).ok().as_deref(), Some(old));
+
+        let tcp = RouteEntry {
+            host: String::new(),
+            protocol: "tcp".into(),
+            listen_port: Some(5432),
+            ..entry
+        };
+        let line = serde_json::to_string(&tcp).unwrap_or_default();
+        assert!(line.ends_with(r#","listen_port":5432}"#), "{line}");
+        assert_eq!(serde_json::from_str::<RouteEntry>(&line).ok(), Some(tcp));
+    }
+
+    #[test]
     fn stream_messages_are_tagged_one_line_json() {
         let message = StreamMessage::Delete {
             generation: 7,
@@ -220,10 +239,13 @@ pub enum RouteTls {
     Off,
 }
 
-/// One route and where its traffic may go now.
+/// One route and where its traffic may go now. A route by host has a
+/// `host` (and `path`, `tls`); a plain TCP route has a `listen_port`, an
+/// empty `host`, path `/` and tls `off`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteEntry {
+    /// Empty for a plain TCP route (one with `listen_port`).
     pub host: String,
     /// Matched per path segment; `/` is everything.
     pub path: String,
@@ -242,6 +264,11 @@ pub struct RouteEntry {
     /// Send `Strict-Transport-Security` on HTTPS responses.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hsts: bool,
+    /// A plain TCP route: every router listens on this port and forwards
+    /// each connection, bytes untouched, to one of `backends`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1, maximum = 65535)]
+    pub listen_port: Option<u16>,
 }
 
 /// Every route of the cluster, as of `generation` (a store revision).

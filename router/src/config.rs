@@ -1,7 +1,7 @@
 //! The router's configuration: strict (unknown fields are errors), with
 //! units in the names and defaults that suit a production node.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use keel_protocol::RouteTable;
@@ -18,6 +18,10 @@ pub struct RouterConfig {
     pub https_addr: Option<SocketAddr>,
     /// Prometheus `/metrics`. `None`: off.
     pub metrics_addr: Option<SocketAddr>,
+    /// The IP address plain TCP routes listen on, each on its route's
+    /// `listen_port`. `None`: the IP of `http_addr` (else of `https_addr`,
+    /// else every address).
+    pub tcp_ip: Option<IpAddr>,
     /// Threads serving traffic, each with its own listener (SO_REUSEPORT)
     /// and its own event loop. `0`: one per CPU.
     pub worker_threads: usize,
@@ -37,6 +41,7 @@ impl Default for RouterConfig {
             http_addr: Some(SocketAddr::from(([0, 0, 0, 0], 80))),
             https_addr: Some(SocketAddr::from(([0, 0, 0, 0], 443))),
             metrics_addr: None,
+            tcp_ip: None,
             worker_threads: 0,
             source: TableSource::Fixed(RouteTable {
                 generation: 0,

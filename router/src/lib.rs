@@ -1,5 +1,5 @@
-//! Keel's router: HTTP, HTTPS and TLS-passthrough ingress to the ready
-//! instances of every app, on any node with the `router` role.
+//! Keel's router: HTTP, HTTPS, TLS-passthrough and plain TCP ingress to
+//! the ready instances of every app, on any node with the `router` role.
 //!
 //! It is fed by the controller's route table stream (or a fixed table for
 //! tests and benchmarks) and swaps each table in atomically: requests in
@@ -31,10 +31,11 @@ mod proxy;
 mod server;
 mod source;
 mod table;
+mod tcp;
 mod tls;
 mod upstream;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,6 +87,8 @@ pub struct RouterAddresses {
     pub http: Option<SocketAddr>,
     pub https: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
+    /// Where plain TCP routes listen, each on its own `listen_port`.
+    pub tcp_ip: IpAddr,
 }
 
 /// The router; see [`Router::start`].
@@ -97,6 +100,7 @@ pub struct Router;
 pub struct RouterHandle {
     addresses: RouterAddresses,
     shared: Arc<proxy::Shared>,
+    tcp: tcp::TcpRoutes,
     stop: watch::Sender<bool>,
     done: Vec<oneshot::Receiver<()>>,
 }
@@ -118,10 +122,13 @@ impl Router {
             ));
         }
         let shared = Arc::new(proxy::Shared::new(config.balance, config.limits.clone()));
-        match &config.source {
-            TableSource::Fixed(table) => shared.swap(table),
-            TableSource::File(path) => shared.swap(&source::read_file(path)?),
-            TableSource::Controller(_) => {}
+        let first_table = match &config.source {
+            TableSource::Fixed(table) => Some(table.clone()),
+            TableSource::File(path) => Some(source::read_file(path)?),
+            TableSource::Controller(_) => None,
+        };
+        if let Some(table) = &first_table {
+            shared.swap(table);
         }
 
         // Bind everything first, so that a bad address fails `start`.
@@ -175,6 +182,28 @@ impl Router {
         let (stop, stop_rx) = watch::channel(false);
         let grace = Duration::from_millis(config.shutdown_grace_ms);
         let mut done = Vec::new();
+
+        let tcp_ip = config
+            .tcp_ip
+            .or(config.http_addr.map(|a| a.ip()))
+            .or(config.https_addr.map(|a| a.ip()))
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let (tcp, tcp_done) = tcp::TcpRoutes::start(
+            tcp::Settings {
+                ip: tcp_ip,
+                balance: config.balance,
+                limits: config.limits.clone(),
+                threads: workers,
+                grace,
+            },
+            shared.global.tcp.clone(),
+            stop_rx.clone(),
+        )?;
+        done.push(tcp_done);
+        if let Some(table) = &first_table {
+            tcp.apply(table);
+        }
+
         for (i, listeners) in per_worker.into_iter().enumerate() {
             let (finished, finished_rx) = oneshot::channel();
             done.push(finished_rx);
@@ -201,6 +230,7 @@ impl Router {
             _ => None,
         };
         let control_shared = shared.clone();
+        let control_tcp = tcp.clone();
         let control_stop = stop_rx.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -214,6 +244,7 @@ impl Router {
                     if let Some(source) = controller {
                         tasks.push(tokio::spawn(source::follow(
                             control_shared.clone(),
+                            control_tcp,
                             source,
                             control_stop.clone(),
                         )));
@@ -241,8 +272,10 @@ impl Router {
                 http,
                 https,
                 metrics,
+                tcp_ip,
             },
             shared,
+            tcp,
             stop,
             done,
         })
@@ -258,6 +291,7 @@ impl RouterHandle {
     /// the controller source the next update replaces it).
     pub fn replace_table(&self, table: &RouteTable) {
         self.shared.swap(table);
+        self.tcp.apply(table);
     }
 
     /// The generation of the table being served; `None` before the first.
@@ -265,8 +299,9 @@ impl RouterHandle {
         self.shared.table.load().generation
     }
 
-    /// Stops taking connections, lets requests in flight finish (up to
-    /// `shutdown_grace_ms`), then closes what is left and returns.
+    /// Stops taking connections, lets requests in flight and open TCP
+    /// route connections finish (up to `shutdown_grace_ms`), then closes
+    /// what is left and returns.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for done in self.done {

@@ -1,8 +1,10 @@
 //! Prometheus metrics: plain atomics updated on the request path (no locks,
 //! no allocation), rendered as text when `/metrics` is scraped.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::table::Table;
@@ -63,6 +65,122 @@ pub(crate) struct Global {
     /// Requests no route took: unknown host (404), no table yet, bad
     /// requests.
     pub unrouted: AtomicU64,
+    /// Plain TCP routes, by listen port (`crate::tcp`).
+    pub tcp: Arc<TcpMetrics>,
+}
+
+/// Plain TCP routes' figures, by listen port. A port keeps its counters
+/// for as long as the router runs, so they never go back (at most one
+/// entry per port number).
+#[derive(Debug, Default)]
+pub(crate) struct TcpMetrics {
+    ports: Mutex<BTreeMap<u16, Arc<PortMetrics>>>,
+}
+
+impl TcpMetrics {
+    pub fn port(&self, port: u16) -> Arc<PortMetrics> {
+        let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
+        ports.entry(port).or_default().clone()
+    }
+
+    fn snapshot(&self) -> Vec<(u16, Arc<PortMetrics>)> {
+        let ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
+        ports.iter().map(|(p, m)| (*p, m.clone())).collect()
+    }
+}
+
+/// One listen port's figures.
+#[derive(Debug, Default)]
+pub(crate) struct PortMetrics {
+    listening: AtomicBool,
+    listen_errors: AtomicU64,
+    active: AtomicI64,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    no_backend: AtomicU64,
+    upstream_errors: AtomicU64,
+}
+
+impl PortMetrics {
+    pub fn set_listening(&self, listening: bool) {
+        self.listening.store(listening, Ordering::Relaxed);
+    }
+    pub fn listen_error(&self) {
+        self.listen_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn accepted(&self) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn opened(&self) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn closed(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn no_backend(&self) {
+        self.no_backend.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn upstream_error(&self) {
+        self.upstream_errors.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn render_tcp(tcp: &TcpMetrics, out: &mut String) {
+    let ports = tcp.snapshot();
+    type Figure = fn(&PortMetrics) -> String;
+    let families: [(&str, &str, &str, Figure); 7] = [
+        (
+            "keel_router_tcp_listening",
+            "gauge",
+            "1 while the router listens on a TCP route's port; 0 when it cannot (in use) or the route is gone.",
+            |m| u8::from(m.listening.load(Ordering::Relaxed)).to_string(),
+        ),
+        (
+            "keel_router_tcp_listen_errors_total",
+            "counter",
+            "Failed attempts to listen on a TCP route's port.",
+            |m| m.listen_errors.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "keel_router_tcp_connections_active",
+            "gauge",
+            "TCP route connections open now, by listen port.",
+            |m| m.active.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "keel_router_tcp_connections_total",
+            "counter",
+            "TCP route connections accepted, by listen port.",
+            |m| m.accepted.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "keel_router_tcp_connections_refused_total",
+            "counter",
+            "TCP route connections closed at once: too many open.",
+            |m| m.refused.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "keel_router_tcp_no_backend_total",
+            "counter",
+            "TCP route connections closed because no instance was ready or reachable.",
+            |m| m.no_backend.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "keel_router_tcp_upstream_errors_total",
+            "counter",
+            "Failed attempts to connect to an instance for a TCP route, by listen port.",
+            |m| m.upstream_errors.load(Ordering::Relaxed).to_string(),
+        ),
+    ];
+    for (name, kind, help, figure) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (port, m) in &ports {
+            let _ = writeln!(out, "{name}{{port=\"{port}\"}} {}", figure(m));
+        }
+    }
 }
 
 /// The Prometheus text exposition of everything.
@@ -151,5 +269,6 @@ pub(crate) fn render(global: &Global, table: &Table) -> String {
             m.sum_us.load(Ordering::Relaxed) as f64 / 1e6,
         );
     }
+    render_tcp(&global.tcp, &mut out);
     out
 }

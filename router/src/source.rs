@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use crate::RouterError;
 use crate::config::ControllerSource;
 use crate::proxy::Shared;
+use crate::tcp::TcpRoutes;
 
 /// Reads and parses a `RouteTable` JSON file (strictly: unknown fields are
 /// errors).
@@ -53,6 +54,7 @@ enum StreamError {
 /// Follows the stream until `stop` turns true.
 pub(crate) async fn follow(
     shared: Arc<Shared>,
+    tcp: TcpRoutes,
     source: ControllerSource,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -70,7 +72,7 @@ pub(crate) async fn follow(
     let mut backoff = Duration::from_millis(100);
     loop {
         let result = tokio::select! {
-            result = stream_once(&client, &source, &shared, &mut backoff) => result,
+            result = stream_once(&client, &source, &shared, &tcp, &mut backoff) => result,
             () = crate::stopped(&mut stop) => return,
         };
         if let Err(error) = result {
@@ -94,6 +96,7 @@ async fn stream_once(
     client: &reqwest::Client,
     source: &ControllerSource,
     shared: &Shared,
+    tcp: &TcpRoutes,
     backoff: &mut Duration,
 ) -> Result<(), StreamError> {
     let url = format!(
@@ -145,6 +148,7 @@ async fn stream_once(
                 "route table received"
             );
             shared.swap(&table);
+            tcp.apply(&table);
             // Healthy again: the next loss retries after 100 ms (the
             // backoff doubles once before the retry).
             *backoff = Duration::from_millis(50);

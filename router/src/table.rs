@@ -249,6 +249,9 @@ impl Registry {
             ..Table::default()
         };
         for entry in &wire.routes {
+            if entry.listen_port.is_some() {
+                continue; // plain TCP: served by `crate::tcp`, not by host
+            }
             let host = normalize_host(&entry.host).into_owned();
             let path = normalize_path(&entry.path);
             let label = format!("{host}{path}");
@@ -344,6 +347,7 @@ mod tests {
             backends: backends.iter().map(|b| (*b).to_owned()).collect(),
             redirect_https: false,
             hsts: false,
+            listen_port: None,
         }
     }
 

@@ -12,6 +12,7 @@ use common::*;
 use keel_agent::eventually;
 use keel_agent::testing::{NodeSpec, SimCluster};
 use keel_router::{Router, RouterConfig, TableSource};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NO_ROUTE: &str = "keel router: no route for this host";
 const NO_INSTANCE: &str = "keel router: no ready instance for this route";
@@ -153,5 +154,79 @@ async fn follows_the_controller_and_outlives_it() -> anyhow::Result<()> {
     });
     router.shutdown().await;
     cluster.shutdown().await?;
+    Ok(())
+}
+
+/// A plain TCP route declared in a manifest: the router, fed by the
+/// controller, listens on its port once the app is deployed, carries bytes
+/// to the instance (a simulated one whose published address is a real echo
+/// server on loopback), and closes the port when the app is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_port_route_from_a_manifest_is_served_then_closed() -> anyhow::Result<()> {
+    init_tracing();
+    let echo = TcpEcho::start("db-1").await?;
+    let mut cluster = SimCluster::start(&[]).await?;
+    let runtime = keel_agent::SimRuntime::new(keel_agent::SimConfig {
+        first_host_port: echo.addr.port(),
+        ..keel_agent::SimConfig::new("127.0.0.1")
+    });
+    cluster
+        .add_node_with(
+            NodeSpec::new("edge-1", "a").role("router"),
+            "127.0.0.1",
+            std::sync::Arc::new(runtime),
+        )
+        .await?;
+    let router = Router::start(RouterConfig {
+        http_addr: Some("127.0.0.1:0".parse()?),
+        https_addr: None,
+        worker_threads: 1,
+        source: TableSource::controller(
+            cluster.admin().base_url(),
+            cluster.admin().token(),
+            "edge-1",
+        ),
+        ..RouterConfig::default()
+    })?;
+    let port = free_port()?;
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    cluster
+        .admin()
+        .apply(&format!(
+            "name: db\nproject: shop\nimage: postgres:17\n\
+             ports:\n  - {{name: pg, port: 5432, protocol: tcp}}\n\
+             routes:\n  - listen_port: {port}\n"
+        ))
+        .await?;
+    let answer = eventually!(Duration::from_secs(15), {
+        // Until the instance is ready the router accepts and closes.
+        let attempt = async {
+            let mut stream = tokio::net::TcpStream::connect(listen).await?;
+            stream.write_all(b"ping").await?;
+            stream.shutdown().await?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await?;
+            anyhow::Ok(answer)
+        };
+        match attempt.await {
+            Ok(answer) if !answer.is_empty() => Ok(answer),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert_eq!(answer, "pingdb-1 saw 4 bytes\n");
+
+    cluster
+        .admin()
+        .call(reqwest::Method::DELETE, "/v1/projects/shop/apps/db", None)
+        .await?;
+    eventually!(Duration::from_secs(15), {
+        match tokio::net::TcpStream::connect(listen).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+            other => Err(format!("still listening: {other:?}")),
+        }
+    });
+    router.shutdown().await;
+    cluster.shutdown().await?;
+    echo.stop();
     Ok(())
 }

@@ -192,6 +192,7 @@ pub fn route(host: &str, path: &str, tls: RouteTls, backends: &[SocketAddr]) -> 
         backends: backends.iter().map(|a| a.to_string()).collect(),
         redirect_https: false,
         hsts: false,
+        listen_port: None,
     }
 }
 
@@ -268,4 +269,93 @@ pub fn init_tracing() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// A plain TCP route on the router's `listen_port`.
+pub fn tcp_route(listen_port: u16, backends: &[SocketAddr]) -> RouteEntry {
+    RouteEntry {
+        host: String::new(),
+        port: "tcp".to_owned(),
+        protocol: "tcp".to_owned(),
+        listen_port: Some(listen_port),
+        ..route("", "/", RouteTls::Off, backends)
+    }
+}
+
+/// A TCP backend on loopback: echoes every chunk at once, and when the
+/// client shuts down its sending half answers `{name} saw {n} bytes\n` and
+/// closes. `connections` counts the connections it accepted.
+pub struct TcpEcho {
+    pub addr: SocketAddr,
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpEcho {
+    pub async fn start(name: &str) -> anyhow::Result<TcpEcho> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        let name: Arc<str> = name.into();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let mut total = 0usize;
+                    loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                total += n;
+                                if stream.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                    let _ = stream
+                        .write_all(format!("{name} saw {total} bytes\n").as_bytes())
+                        .await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        Ok(TcpEcho {
+            addr,
+            connections,
+            task,
+        })
+    }
+
+    /// Stops accepting and releases the port (open connections run on).
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+/// A loopback port nothing listens on (free when this returns).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The router's `/metrics` text.
+pub async fn metrics_text(router: &RouterHandle) -> anyhow::Result<String> {
+    let addr = router.addresses().metrics.context("metrics")?;
+    let (code, body) = curl(&[&format!("http://{addr}/metrics")]).await?;
+    anyhow::ensure!(code == 200, "/metrics answered {code}: {body}");
+    Ok(body)
+}
+
+/// The value of one sample in a `/metrics` text (`name{labels}` exactly).
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
 }
