@@ -66,6 +66,11 @@ impl Shared {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// `now_ms` of an instant already read, to spare a clock read.
+    pub fn ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
     pub fn swap(&self, wire: &keel_protocol::RouteTable) {
         let table = self
             .registry
@@ -171,7 +176,7 @@ pub(crate) async fn handle(
     drop(host);
     let method = req.method().clone();
     let mut upstream = None;
-    let mut response = forward(&shared, &conn, &route, req, &mut upstream).await;
+    let mut response = forward(&shared, &conn, &route, req, start, &mut upstream).await;
     if route.hsts && conn.tls {
         response.headers_mut().insert(
             header::STRICT_TRANSPORT_SECURITY,
@@ -189,6 +194,16 @@ pub(crate) async fn handle(
         duration_us = elapsed.as_micros() as u64,
     );
     Ok(response)
+}
+
+/// Headers that belong to one hop only, whatever `Connection` says;
+/// `Upgrade` is passed on when the request is an upgrade.
+fn hop_by_hop(name: &HeaderName, upgrade: bool) -> bool {
+    name == header::CONNECTION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+        || name == header::TE
+        || (!upgrade && name == header::UPGRADE)
 }
 
 /// Removes what belongs to one hop only: `Connection` and the headers it
@@ -222,6 +237,7 @@ async fn forward(
     conn: &ConnInfo,
     route: &Arc<Route>,
     mut req: Request<Incoming>,
+    start: Instant,
     upstream: &mut Option<Arc<Backend>>,
 ) -> Response<RespBody> {
     if route.backends.is_empty() {
@@ -248,55 +264,55 @@ async fn forward(
     let upgrade = req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let (mut parts, body) = req.into_parts();
-    let request_id = match parts.headers.get(&X_REQUEST_ID) {
-        Some(id) => id.clone(),
-        None => {
-            let id = shared.request_id();
-            parts.headers.insert(&X_REQUEST_ID, id.clone());
-            id
-        }
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
+    // The client's id is passed on as it is; otherwise one is added.
+    let (request_id, new_id) = match headers.get(&X_REQUEST_ID) {
+        Some(id) => (id.clone(), false),
+        None => (shared.request_id(), true),
     };
-    strip_hop_headers(&mut parts.headers, upgrade);
-    // The router answers `Expect: 100-continue` itself (hyper does, when
-    // the body is first read); the instance gets the body straight away.
-    parts.headers.remove(header::EXPECT);
-    // The instance's framing is the router's to choose (`request_head`).
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.remove(header::TRANSFER_ENCODING);
     // HTTP/2 (and absolute-form HTTP/1.1) carry the host in the URI;
     // instances get origin-form and a Host header.
-    if let Some(authority) = parts.uri.authority()
-        && !parts.headers.contains_key(header::HOST)
-        && let Ok(value) = HeaderValue::from_str(authority.as_str())
-    {
-        parts.headers.insert(header::HOST, value);
-    }
-    if let Some(host) = parts.headers.get(header::HOST).cloned() {
-        parts.headers.insert(&X_FORWARDED_HOST, host);
-    }
-    match parts.headers.entry(&X_FORWARDED_FOR) {
-        header::Entry::Occupied(mut entry) => {
-            let mut joined = entry.get().as_bytes().to_vec();
-            joined.extend_from_slice(b", ");
-            joined.extend_from_slice(conn.client_ip.as_bytes());
-            if let Ok(value) = HeaderValue::from_bytes(&joined) {
-                entry.insert(value);
-            }
-        }
-        header::Entry::Vacant(entry) => {
-            entry.insert(conn.client_ip.clone());
-        }
-    }
-    parts.headers.insert(
-        &X_FORWARDED_PROTO,
-        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-    );
+    let host = headers.get(header::HOST).map(HeaderValue::as_bytes);
+    let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
+    let forwarded_for = headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes);
+    // Headers the client's `Connection` names belong to its hop only.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let skip = |name: &HeaderName| {
+        hop_by_hop(name, upgrade)
+            // The router answers `Expect: 100-continue` itself (hyper
+            // does, when the body is first read).
+            || name == header::EXPECT
+            // The framing to the instance is the router's (`request_head`).
+            || name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            // Set below, from what the router saw.
+            || name == X_FORWARDED_FOR
+            || name == X_FORWARDED_HOST
+            || name == X_FORWARDED_PROTO
+            || (!named.is_empty() && named.contains(name) && !(upgrade && name == header::UPGRADE))
+    };
     let framing = RequestBody::of(&parts.method, &body);
     let head = upstream::request_head(
         &parts.method,
         parts.uri.path_and_query().map_or("/", |p| p.as_str()),
-        &parts.headers,
+        headers,
+        skip,
+        &upstream::Added {
+            host: if host.is_none() { authority } else { None },
+            forwarded_host: host.or(authority),
+            forwarded_for,
+            client_ip: conn.client_ip.as_bytes(),
+            proto: if conn.tls { b"https" } else { b"http" },
+            request_id: new_id.then_some(request_id.as_bytes()),
+            upgrade,
+        },
         framing,
     );
     let mut body = Limited::new(
@@ -311,7 +327,7 @@ async fn forward(
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
 
-    let now_ms = shared.now_ms();
+    let now_ms = shared.ms_at(start);
     let mut failed: Option<Arc<Backend>> = None;
     // Two instances at most. A pooled connection the instance had closed
     // costs an attempt of its own but no instance.

@@ -170,25 +170,67 @@ fn expects_body(method: &Method) -> bool {
     matches!(*method, Method::POST | Method::PUT | Method::PATCH)
 }
 
-/// Serializes a request head. `headers` must already be without the
-/// hop-by-hop headers and without `Content-Length`/`Transfer-Encoding`:
-/// the framing written is `body`'s.
+/// What the router adds to a request on its way to an instance.
+#[derive(Debug)]
+pub(crate) struct Added<'a> {
+    /// `Host`, when the request had none (HTTP/2: from its authority).
+    pub host: Option<&'a [u8]>,
+    pub forwarded_host: Option<&'a [u8]>,
+    /// The client's own `X-Forwarded-For`, which the client IP is appended to.
+    pub forwarded_for: Option<&'a [u8]>,
+    pub client_ip: &'a [u8],
+    pub proto: &'static [u8],
+    /// `X-Request-Id`, when the router made one.
+    pub request_id: Option<&'a [u8]>,
+    /// Adds `Connection: upgrade`.
+    pub upgrade: bool,
+}
+
+/// Serializes a request head in one pass: the client's headers but those
+/// `skip` says, then what the router adds, then the framing of `body`.
 pub(crate) fn request_head(
     method: &Method,
     path_and_query: &str,
     headers: &HeaderMap,
+    skip: impl Fn(&HeaderName) -> bool,
+    added: &Added<'_>,
     body: RequestBody,
 ) -> Vec<u8> {
-    let mut head = Vec::with_capacity(256 + headers.len() * 32);
+    fn line(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+        head.extend_from_slice(name);
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value);
+        head.extend_from_slice(b"\r\n");
+    }
+    let mut head = Vec::with_capacity(384 + headers.len() * 48);
     head.extend_from_slice(method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(path_and_query.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in headers {
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
+        if !skip(name) {
+            line(&mut head, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    if let Some(host) = added.host {
+        line(&mut head, b"host", host);
+    }
+    if let Some(host) = added.forwarded_host {
+        line(&mut head, b"x-forwarded-host", host);
+    }
+    head.extend_from_slice(b"x-forwarded-for: ");
+    if let Some(prior) = added.forwarded_for {
+        head.extend_from_slice(prior);
+        head.extend_from_slice(b", ");
+    }
+    head.extend_from_slice(added.client_ip);
+    head.extend_from_slice(b"\r\n");
+    line(&mut head, b"x-forwarded-proto", added.proto);
+    if let Some(id) = added.request_id {
+        line(&mut head, b"x-request-id", id);
+    }
+    if added.upgrade {
+        head.extend_from_slice(b"connection: upgrade\r\n");
     }
     match body {
         RequestBody::None if expects_body(method) => {
@@ -310,40 +352,59 @@ async fn read_head(conn: &mut Conn, head_request: bool) -> Result<Head, Exchange
 }
 
 /// Parses a complete head off the front of `buf`; `None` when more bytes
-/// are needed.
+/// are needed. Header values are slices of the head's bytes, not copies.
 fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, ExchangeError> {
-    let mut slots =
-        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut []);
-    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut response,
-        buf,
-        &mut slots,
-    );
-    let len = match parsed {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(ExchangeError::Malformed("too many headers"));
+    // Offsets into `buf` of each header's name and value.
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let (len, code, http11, count) = {
+        let mut slots =
+            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buf,
+            &mut slots,
+        );
+        let len = match parsed {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(ExchangeError::Malformed("too many headers"));
+            }
+            Err(_) => return Err(ExchangeError::Malformed("not an HTTP/1.x response head")),
+        };
+        let base = buf.as_ptr() as usize;
+        for (span, header) in spans.iter_mut().zip(response.headers.iter()) {
+            let name = header.name.as_ptr() as usize - base;
+            let value = header.value.as_ptr() as usize - base;
+            *span = (
+                name,
+                name + header.name.len(),
+                value,
+                value + header.value.len(),
+            );
         }
-        Err(_) => return Err(ExchangeError::Malformed("not an HTTP/1.x response head")),
+        (
+            len,
+            response.code.unwrap_or(0),
+            response.version == Some(1),
+            response.headers.len(),
+        )
     };
-    let code = response.code.unwrap_or(0);
+    let raw = buf.split_to(len).freeze();
     let status = StatusCode::from_u16(code)
         .map_err(|_| ExchangeError::Malformed("the status code is out of range"))?;
-    let http11 = response.version == Some(1);
-    let mut headers = HeaderMap::with_capacity(response.headers.len());
+    let mut headers = HeaderMap::with_capacity(count);
     let mut keep_alive = http11;
     let mut chunked = false;
     let mut other_coding = false;
     let mut length: Option<u64> = None;
-    for header in response.headers.iter() {
-        let name = HeaderName::from_bytes(header.name.as_bytes())
+    for &(n0, n1, v0, v1) in &spans[..count] {
+        let name = HeaderName::from_bytes(&raw[n0..n1])
             .map_err(|_| ExchangeError::Malformed("a header name is invalid"))?;
-        let value = HeaderValue::from_bytes(header.value)
-            .map_err(|_| ExchangeError::Malformed("a header value is invalid"))?;
+        let value_bytes = &raw[v0..v1];
         if name == hyper::header::CONTENT_LENGTH {
-            let n = std::str::from_utf8(header.value)
+            let n = std::str::from_utf8(value_bytes)
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .ok_or(ExchangeError::Malformed("Content-Length is not a number"))?;
@@ -354,7 +415,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Ex
         } else if name == hyper::header::TRANSFER_ENCODING {
             // Only the last coding decides; anything after `chunked` means
             // the body ends with the connection.
-            for coding in header.value.split(|b| *b == b',') {
+            for coding in value_bytes.split(|b| *b == b',') {
                 let coding = coding.trim_ascii();
                 if coding.eq_ignore_ascii_case(b"chunked") {
                     chunked = true;
@@ -364,16 +425,16 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Ex
                 }
             }
         } else if name == hyper::header::CONNECTION {
-            for option in header.value.split(|b| *b == b',') {
-                let option = option.trim_ascii();
-                if option.eq_ignore_ascii_case(b"close") {
+            for option in value_bytes.split(|b| *b == b',') {
+                if option.trim_ascii().eq_ignore_ascii_case(b"close") {
                     keep_alive = false;
                 }
             }
         }
+        let value = HeaderValue::from_maybe_shared(raw.slice(v0..v1))
+            .map_err(|_| ExchangeError::Malformed("a header value is invalid"))?;
         headers.append(name, value);
     }
-    buf.advance(len);
     let framing = if head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
