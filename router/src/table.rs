@@ -47,50 +47,74 @@ pub(crate) struct Route {
 }
 
 impl Route {
-    /// The instance a request goes to: in turn, or the one with fewest
-    /// requests in flight, skipping instances marked down and `exclude`
-    /// (the one that just failed). When every instance is down one is
-    /// tried anyway: a refused connection answers faster than a 503 would
-    /// help, and that is how a recovered instance is noticed.
+    /// The instance a request goes to (see [`pick`]), other than `exclude`
+    /// (the one that just failed).
     pub fn pick(
         &self,
         balance: Balance,
         now_ms: u64,
         exclude: Option<&Arc<Backend>>,
     ) -> Option<&Arc<Backend>> {
-        let n = self.backends.len();
-        if n == 0 {
-            return None;
-        }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let usable = |b: &Arc<Backend>| exclude.is_none_or(|e| !Arc::ptr_eq(e, b));
-        let mut best: Option<&Arc<Backend>> = None;
-        let mut best_load = usize::MAX;
-        for i in 0..n {
-            let backend = &self.backends[(start + i) % n];
-            if !usable(backend) || backend.down_until_ms.load(Ordering::Relaxed) > now_ms {
-                continue;
-            }
-            match balance {
-                Balance::RoundRobin => return Some(backend),
-                Balance::LeastOutstanding => {
-                    let load = backend.outstanding.load(Ordering::Relaxed);
-                    if load < best_load {
-                        best = Some(backend);
-                        best_load = load;
-                        if load == 0 {
-                            break;
-                        }
+        pick(&self.backends, start, balance, now_ms, |b| {
+            exclude.is_none_or(|e| !Arc::ptr_eq(e, b))
+        })
+    }
+}
+
+/// What balancing needs to know of an instance; HTTP routes count
+/// requests in flight, TCP routes open connections.
+pub(crate) trait Candidate {
+    /// Milliseconds since the router started before which it is skipped.
+    fn down_until_ms(&self) -> u64;
+    fn load(&self) -> usize;
+}
+
+impl Candidate for Backend {
+    fn down_until_ms(&self) -> u64 {
+        self.down_until_ms.load(Ordering::Relaxed)
+    }
+
+    fn load(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+}
+
+/// Chooses among the `usable` of `backends`, looking from `start` on: the
+/// first in turn, or the one with the least load (ties in turn), skipping
+/// those marked down. When every usable one is down, one is chosen
+/// anyway: a refused connection answers faster than a 503 would help,
+/// and that is how a recovered instance is noticed.
+pub(crate) fn pick<B: Candidate>(
+    backends: &[Arc<B>],
+    start: usize,
+    balance: Balance,
+    now_ms: u64,
+    usable: impl Fn(&Arc<B>) -> bool,
+) -> Option<&Arc<B>> {
+    let n = backends.len();
+    let in_turn = (0..n).map(|i| &backends[(start + i) % n]);
+    let mut best: Option<&Arc<B>> = None;
+    let mut best_load = usize::MAX;
+    for backend in in_turn.clone() {
+        if !usable(backend) || backend.down_until_ms() > now_ms {
+            continue;
+        }
+        match balance {
+            Balance::RoundRobin => return Some(backend),
+            Balance::LeastOutstanding => {
+                let load = backend.load();
+                if load < best_load {
+                    best = Some(backend);
+                    best_load = load;
+                    if load == 0 {
+                        break;
                     }
                 }
             }
         }
-        best.or_else(|| {
-            (0..n)
-                .map(|i| &self.backends[(start + i) % n])
-                .find(|b| usable(b))
-        })
     }
+    best.or_else(|| in_turn.into_iter().find(|b| usable(b)))
 }
 
 /// The routes of one host, longest path first.

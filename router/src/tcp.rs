@@ -72,31 +72,23 @@ struct Route {
 }
 
 impl Route {
-    /// An instance not yet `tried`: in turn, or the one with the fewest
-    /// open connections, skipping those marked down. When every untried
-    /// one is down, one is tried anyway: a refusal answers as fast as
-    /// closing would, and that is how a recovered instance is noticed.
+    /// An instance not yet `tried`, balanced by open connections (see
+    /// [`crate::table::pick`]).
     fn pick(&self, balance: Balance, now_ms: u64, tried: &[Arc<Backend>]) -> Option<&Arc<Backend>> {
-        let n = self.backends.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let untried = |b: &Arc<Backend>| !tried.iter().any(|t| Arc::ptr_eq(t, b));
-        let in_turn = (0..n).map(|i| &self.backends[(start + i) % n]);
-        let mut best: Option<&Arc<Backend>> = None;
-        for backend in in_turn.clone() {
-            if !untried(backend) || backend.down_until_ms.load(Ordering::Relaxed) > now_ms {
-                continue;
-            }
-            match balance {
-                Balance::RoundRobin => return Some(backend),
-                Balance::LeastOutstanding => {
-                    let open = backend.open.load(Ordering::Relaxed);
-                    if best.is_none_or(|b| open < b.open.load(Ordering::Relaxed)) {
-                        best = Some(backend);
-                    }
-                }
-            }
-        }
-        best.or_else(|| in_turn.into_iter().find(|b| untried(b)))
+        crate::table::pick(&self.backends, start, balance, now_ms, |b| {
+            !tried.iter().any(|t| Arc::ptr_eq(t, b))
+        })
+    }
+}
+
+impl crate::table::Candidate for Backend {
+    fn down_until_ms(&self) -> u64 {
+        self.down_until_ms.load(Ordering::Relaxed)
+    }
+
+    fn load(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 }
 
