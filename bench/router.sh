@@ -164,8 +164,9 @@ ticks() {
 
 # One wrk run against proxy process $1 at URL $2; prints
 # "rps p99_ms errors cpu_us_per_request". The CPU figure is the proxy's own
-# (user and system) and is the steadier one on a shared machine: rps also
-# depends on what else runs on the two CPUs.
+# user and system time; it leaves out the network stack's softirq work,
+# which the kernel charges to whichever task it interrupts, so take it as
+# a hint. rps is the figure: the proxy's CPU is the one saturated.
 run() {
   local out before after
   before=$(ticks "$1")
