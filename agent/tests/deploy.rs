@@ -260,7 +260,15 @@ async fn a_global_app_runs_once_on_every_matching_node_and_on_nodes_that_join() 
     let mut expected = edges.clone();
     expected.insert("late-edge".to_owned());
     assert_eq!(on_nodes(&instances), expected);
-    assert_eq!(cluster.runtime("late-edge").unwrap().running(), 1);
+    // Settles at one. Under a loaded machine a second instance was once
+    // seen here for a moment (one the controller had already dropped,
+    // still stopping); what must hold is that one stays.
+    eventually!(CONVERGE, {
+        match cluster.runtime("late-edge").unwrap().running() {
+            1 => Ok(()),
+            n => Err(format!("{n} instances running on late-edge")),
+        }
+    });
     assert!(
         cluster
             .runtime("late-worker")
