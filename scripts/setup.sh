@@ -8,6 +8,8 @@ packages=(
   etcd-server       # tests start real etcd members on loopback
   etcd-client       # etcdctl, for poking at those members by hand
   pkg-config
+  gcc               # ring and mimalloc compile C; rustup's toolchain links with cc
+  libc6-dev         # libc.a: the test server is linked statically (crt-static)
   docker.io         # the agent runs instances in a real Docker Engine
   haproxy           # bench/router.sh compares the router with HAProxy...
   nginx             # ...and nginx, which is also the benchmark's backend
@@ -55,4 +57,5 @@ fi
 # Debian's etcd-server package may start a system etcd on 2379; the tests
 # never use it (they start their own on free ports), so it is left alone.
 command -v cargo >/dev/null || { echo "setup: cargo is missing: install Rust with rustup" >&2; exit 1; }
-rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt
+installed=$(rustup component list --installed 2>/dev/null || true)
+grep -q '^clippy' <<< "$installed" && grep -q '^rustfmt' <<< "$installed" || rustup component add clippy rustfmt
