@@ -253,12 +253,9 @@ async fn forward(
         );
     }
     let limits = &shared.limits;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limits.max_body_bytes) {
+    // hyper has read the declared length into the body's size hint.
+    let framing = RequestBody::of(req.method(), req.body());
+    if matches!(framing, RequestBody::Length(n) if n > limits.max_body_bytes) {
         return too_large();
     }
     let upgrade = req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
@@ -298,7 +295,6 @@ async fn forward(
             || name == X_FORWARDED_PROTO
             || (!named.is_empty() && named.contains(name) && !(upgrade && name == header::UPGRADE))
     };
-    let framing = RequestBody::of(&parts.method, &body);
     let head = upstream::request_head(
         &parts.method,
         parts.uri.path_and_query().map_or("/", |p| p.as_str()),
@@ -344,7 +340,7 @@ async fn forward(
             None => {
                 instances_tried += 1;
                 let timeout = Duration::from_millis(limits.connect_timeout_ms);
-                match upstream::connect_stream(&backend, timeout).await {
+                match upstream::connect_stream(backend.socket, &backend.addr, timeout).await {
                     Ok(stream) => Conn::new(stream),
                     Err(error) => {
                         route.metrics.upstream_error();

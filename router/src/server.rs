@@ -277,7 +277,8 @@ async fn passthrough_connection(
             break;
         };
         let connected = crate::upstream::connect_stream(
-            &backend,
+            backend.socket,
+            &backend.addr,
             Duration::from_millis(shared.limits.connect_timeout_ms),
         )
         .await;

@@ -456,16 +456,15 @@ async fn connect(
         .pick(inner.settings.balance, inner.now_ms(), &tried)
         .cloned()
     {
-        let error = match tokio::time::timeout(timeout, TcpStream::connect(&backend.addr)).await {
-            Ok(Ok(stream)) => return Some((stream, backend)),
-            Ok(Err(error)) => error,
-            Err(_) => std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+        let error = match crate::upstream::connect_stream(None, &backend.addr, timeout).await {
+            Ok(stream) => return Some((stream, backend)),
+            Err(error) => error,
         };
         metrics.upstream_error();
         backend
             .down_until_ms
             .store(inner.now_ms() + limits.backend_down_ms, Ordering::Relaxed);
-        tracing::warn!(port, app = %route.app, backend = %backend.addr, %error, "cannot reach an instance for a TCP route; trying the next");
+        tracing::warn!(port, app = %route.app, backend = %backend.addr, %error, source = ?std::error::Error::source(&error), "cannot reach an instance for a TCP route; trying the next");
         tried.push(backend);
     }
     None

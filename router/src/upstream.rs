@@ -686,15 +686,17 @@ fn find_crlf(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\r\n")
 }
 
-/// Opens a TCP connection to an instance within `timeout`.
+/// Opens a TCP connection to an instance within `timeout`: to `socket`
+/// when the address was parsed already, else to `addr` (resolved).
 pub(crate) async fn connect_stream(
-    backend: &Backend,
+    socket: Option<std::net::SocketAddr>,
+    addr: &str,
     timeout: Duration,
 ) -> Result<TcpStream, ConnectError> {
     let connecting = async {
-        match backend.socket {
-            Some(addr) => TcpStream::connect(addr).await,
-            None => TcpStream::connect(backend.addr.as_str()).await,
+        match socket {
+            Some(socket) => TcpStream::connect(socket).await,
+            None => TcpStream::connect(addr).await,
         }
     };
     tokio::time::timeout(timeout, connecting)
