@@ -223,8 +223,7 @@ async fn app_events(
 #[derive(Debug)]
 pub struct DeployOptions {
     pub file: PathBuf,
-    pub wait: bool,
-    pub timeout: Duration,
+    pub follow: WaitOptions,
 }
 
 pub async fn deploy(session: &Session, options: DeployOptions) -> anyhow::Result<()> {
@@ -274,7 +273,7 @@ pub async fn deploy(session: &Session, options: DeployOptions) -> anyhow::Result
     let revision = applied["revision"]["revision"].as_u64().unwrap_or(0);
     let (project, app) = (manifest.project.clone(), manifest.name.clone());
     if session.format != Format::Table {
-        if !options.wait {
+        if !options.follow.wait {
             output::print(session.format, &applied, |_| Table::default());
             return Ok(());
         }
@@ -283,11 +282,18 @@ pub async fn deploy(session: &Session, options: DeployOptions) -> anyhow::Result
     } else {
         println!("{project}/{app}: unchanged, still at revision {revision}");
     }
-    if !options.wait {
+    if !options.follow.wait {
         return Ok(());
     }
-    let outcome =
-        wait_for_rollout(session, &project, &app, revision, before, options.timeout).await;
+    let outcome = wait_for_rollout(
+        session,
+        &project,
+        &app,
+        revision,
+        before,
+        options.follow.timeout,
+    )
+    .await;
     if session.format != Format::Table {
         output::print(session.format, &applied, |_| Table::default());
     }

@@ -97,12 +97,8 @@ enum Command {
         /// The manifest, YAML or JSON (`-` for standard input).
         #[arg(short, long)]
         file: PathBuf,
-        /// Return once the revision is recorded, without following the rollout.
-        #[arg(long)]
-        no_wait: bool,
-        /// How long to follow the rollout before giving up, e.g. 90s, 5m.
-        #[arg(long, default_value = "5m", value_parser = parse_duration)]
-        timeout: Duration,
+        #[command(flatten)]
+        follow: Follow,
     },
     /// List apps with their revision and ready instances.
     #[command(after_help = "Examples:\n  keel apps\n  keel apps --project shop -o json")]
@@ -142,12 +138,8 @@ enum Command {
         app: String,
         #[arg(short, long)]
         project: Option<String>,
-        /// Return once the revision is recorded.
-        #[arg(long)]
-        no_wait: bool,
-        /// How long to follow the rollout, e.g. 90s, 5m.
-        #[arg(long, default_value = "5m", value_parser = parse_duration)]
-        timeout: Duration,
+        #[command(flatten)]
+        follow: Follow,
     },
     /// Deploy an earlier revision's manifest again (default: the one before).
     #[command(
@@ -158,12 +150,8 @@ enum Command {
         revision: Option<u64>,
         #[arg(short, long)]
         project: Option<String>,
-        /// Return once the revision is recorded.
-        #[arg(long)]
-        no_wait: bool,
-        /// How long to follow the rollout, e.g. 90s, 5m.
-        #[arg(long, default_value = "5m", value_parser = parse_duration)]
-        timeout: Duration,
+        #[command(flatten)]
+        follow: Follow,
     },
     /// Print an app's logs, from all its instances.
     #[command(after_help = "Examples:\n  keel logs web\n  keel logs web -f --tail 20")]
@@ -301,6 +289,26 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// How a command that changes an app follows the rollout it starts.
+#[derive(Debug, clap::Args)]
+struct Follow {
+    /// Return once the revision is recorded, without following the rollout.
+    #[arg(long)]
+    no_wait: bool,
+    /// How long to follow the rollout before giving up, e.g. 90s, 5m.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+impl Follow {
+    fn options(&self) -> client::WaitOptions {
+        client::WaitOptions {
+            wait: !self.no_wait,
+            timeout: self.timeout,
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 struct ServerArgs {
     /// Address the API listens on.
@@ -376,15 +384,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ContextAction::Use { name } => client::use_context(&name),
             ContextAction::Rm { name } => client::remove_context(&name),
         },
-        Command::Deploy {
-            file,
-            no_wait,
-            timeout,
-        } => {
+        Command::Deploy { file, follow } => {
             let options = client::DeployOptions {
                 file,
-                wait: !no_wait,
-                timeout,
+                follow: follow.options(),
             };
             client::deploy(&session()?, options).await
         }
@@ -403,26 +406,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Restart {
             app,
             project,
-            no_wait,
-            timeout,
-        } => {
-            let options = client::WaitOptions {
-                wait: !no_wait,
-                timeout,
-            };
-            client::restart(&session()?, &app, project.as_deref(), options).await
-        }
+            follow,
+        } => client::restart(&session()?, &app, project.as_deref(), follow.options()).await,
         Command::Rollback {
             app,
             revision,
             project,
-            no_wait,
-            timeout,
+            follow,
         } => {
-            let options = client::WaitOptions {
-                wait: !no_wait,
-                timeout,
-            };
+            let options = follow.options();
             client::rollback(&session()?, &app, project.as_deref(), revision, options).await
         }
         Command::Logs {
