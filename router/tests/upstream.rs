@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use common::*;
 use keel_protocol::RouteTls;
-use keel_router::Limits;
+use keel_router::{Limits, RouterHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -123,6 +123,16 @@ async fn serve(mut stream: TcpStream, script: fn(&str) -> Reply, requests: Arc<A
     }
 }
 
+/// A router with one route, `host` to `instance`, and its base URL.
+fn route_to(host: &str, instance: SocketAddr) -> anyhow::Result<(RouterHandle, String)> {
+    let router = start_router(
+        table(1, vec![route(host, "/", RouteTls::Off, &[instance])]),
+        Limits::default(),
+    )?;
+    let base = format!("http://{}", router.addresses().http.context("http")?);
+    Ok((router, base))
+}
+
 fn framings(line: &str) -> Reply {
     if line.starts_with("GET /chunked ") {
         Reply::Keep(
@@ -152,15 +162,7 @@ fn framings(line: &str) -> Reply {
 #[tokio::test]
 async fn every_response_framing_reaches_the_client_intact() -> anyhow::Result<()> {
     let instance = Scripted::start(framings).await?;
-    let router = start_router(
-        table(
-            1,
-            vec![route("f.test", "/", RouteTls::Off, &[instance.addr])],
-        ),
-        Limits::default(),
-    )?;
-    let http = router.addresses().http.context("http")?;
-    let url = format!("http://{http}");
+    let (router, url) = route_to("f.test", instance.addr)?;
     let get = |path: &str| {
         let url = format!("{url}{path}");
         async move { curl(&["-H", "Host: f.test", &url]).await }
@@ -229,14 +231,8 @@ async fn every_response_framing_reaches_the_client_intact() -> anyhow::Result<()
 #[tokio::test]
 async fn connections_to_an_instance_are_reused() -> anyhow::Result<()> {
     let instance = Scripted::start(framings).await?;
-    let router = start_router(
-        table(
-            1,
-            vec![route("f.test", "/", RouteTls::Off, &[instance.addr])],
-        ),
-        Limits::default(),
-    )?;
-    let url = format!("http://{}/length", router.addresses().http.context("http")?);
+    let (router, base) = route_to("f.test", instance.addr)?;
+    let url = format!("{base}/length");
     for i in 0..20 {
         // Each curl is a new client connection; the instance's is pooled.
         let (code, body) = if i % 2 == 0 {
@@ -264,14 +260,8 @@ async fn idle_connections_the_instance_closed_are_not_used() -> anyhow::Result<(
     let instance =
         Scripted::start(|_| Reply::CloseLater("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
             .await?;
-    let router = start_router(
-        table(
-            1,
-            vec![route("i.test", "/", RouteTls::Off, &[instance.addr])],
-        ),
-        Limits::default(),
-    )?;
-    let url = format!("http://{}/", router.addresses().http.context("http")?);
+    let (router, base) = route_to("i.test", instance.addr)?;
+    let url = format!("{base}/");
     for _ in 0..10 {
         let (code, body) = curl(&["-H", "Host: i.test", "--data-binary", "payload", &url]).await?;
         assert_eq!((code, body.as_str()), (200, "ok\nHTTP/1.1"));
