@@ -161,6 +161,23 @@ fn app(project: &str, name: &str, image: &str, instances: u32, extra: &str) -> S
     )
 }
 
+/// Deploys `web` from the test image with `count` instances (and
+/// `extra` manifest lines) and waits until all are up.
+async fn deploy_web(
+    cluster: &SimCluster,
+    project: &str,
+    image: &str,
+    count: u32,
+    extra: &str,
+) -> Vec<Instance> {
+    cluster
+        .admin()
+        .apply(&app(project, "web", image, count, extra))
+        .await
+        .unwrap();
+    up(cluster, project, "web", count as usize).await
+}
+
 async fn up(cluster: &SimCluster, project: &str, app: &str, count: usize) -> Vec<Instance> {
     eventually!(CONVERGE, {
         let instances = cluster.admin().instances(project, app).await.unwrap();
@@ -209,12 +226,9 @@ async fn an_instance_runs_with_its_env_limits_and_labels_and_answers_on_its_publ
         runtimes,
     } = one_node().await;
     let extra = "env:\n  GREETING: hello world\nresources:\n  cpu_millis: 250\n  memory_mb: 64\n";
-    cluster
-        .admin()
-        .apply(&app(&project, "web", &image, 1, extra))
+    let instance = deploy_web(&cluster, &project, &image, 1, extra)
         .await
-        .unwrap();
-    let instance = up(&cluster, &project, "web", 1).await.remove(0);
+        .remove(0);
 
     let address = &instance.ports["http"];
     assert!(address.starts_with("127.0.0.1:"), "published on {address}");
@@ -309,12 +323,9 @@ async fn a_crashed_instance_is_restarted_by_the_agent_after_its_backoff() {
         cluster,
         runtimes,
     } = one_node().await;
-    cluster
-        .admin()
-        .apply(&app(&project, "web", &image, 1, ""))
+    let instance = deploy_web(&cluster, &project, &image, 1, "")
         .await
-        .unwrap();
-    let instance = up(&cluster, &project, "web", 1).await.remove(0);
+        .remove(0);
     let before = inspect(&runtimes[0], &instance).await;
 
     let (status, _) = http(
@@ -376,12 +387,9 @@ async fn a_failing_health_check_stops_the_instance_and_the_agent_restarts_it() {
         containers: vec![],
     };
     let (cluster, _runtimes) = cluster(&[(&node, "a", "127.0.0.1")]).await;
-    cluster
-        .admin()
-        .apply(&app(&project, "web", &image, 1, ""))
+    let instance = deploy_web(&cluster, &project, &image, 1, "")
         .await
-        .unwrap();
-    let instance = up(&cluster, &project, "web", 1).await.remove(0);
+        .remove(0);
     let (status, _) = http(
         reqwest::Method::POST,
         &format!("http://{}/health/fail", instance.ports["http"]),
@@ -441,12 +449,7 @@ async fn a_restarted_agent_adopts_its_containers_without_restarting_them() {
         mut cluster,
         runtimes,
     } = one_node().await;
-    cluster
-        .admin()
-        .apply(&app(&project, "web", &image, 2, ""))
-        .await
-        .unwrap();
-    let instances = up(&cluster, &project, "web", 2).await;
+    let instances = deploy_web(&cluster, &project, &image, 2, "").await;
     let mut before = Vec::new();
     for instance in &instances {
         let inspected = inspect(&runtimes[0], instance).await;
@@ -494,12 +497,7 @@ async fn scaling_keeps_running_containers_and_a_changed_env_replaces_them() {
         cluster,
         runtimes,
     } = one_node().await;
-    cluster
-        .admin()
-        .apply(&app(&project, "web", &image, 2, ""))
-        .await
-        .unwrap();
-    let instances = up(&cluster, &project, "web", 2).await;
+    let instances = deploy_web(&cluster, &project, &image, 2, "").await;
     let mut before = Vec::new();
     for instance in &instances {
         let inspected = inspect(&runtimes[0], instance).await;
@@ -755,12 +753,7 @@ async fn two_agents_on_one_engine_each_run_only_their_own_containers() {
         containers: vec![],
     };
     let (cluster, _runtimes) = cluster(&[(&one, "a", "127.0.0.1"), (&two, "b", "127.0.0.2")]).await;
-    cluster
-        .admin()
-        .apply(&app(&project, "web", &image, 4, ""))
-        .await
-        .unwrap();
-    let instances = up(&cluster, &project, "web", 4).await;
+    let instances = deploy_web(&cluster, &project, &image, 4, "").await;
     // Stable: neither agent stops the other's containers.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut per_node: HashMap<String, usize> = HashMap::new();
@@ -804,12 +797,7 @@ async fn an_apps_logs_merge_its_instances_lines_and_follow_new_ones() {
         containers: vec![],
     };
     let (cluster, _runtimes) = cluster(&[(&node, "a", "127.0.0.1")]).await;
-    cluster
-        .admin()
-        .apply(&app(&project, "web", &image, 2, ""))
-        .await
-        .unwrap();
-    let instances = up(&cluster, &project, "web", 2).await;
+    let instances = deploy_web(&cluster, &project, &image, 2, "").await;
 
     let logs = cluster
         .admin()
