@@ -43,6 +43,11 @@
     return el;
   }
 
+  // A titled panel: a section labelled by its own heading.
+  function panel(id, title, ...children) {
+    return h("section", { class: "panel", "aria-labelledby": id }, h("h2", { id }, title), ...children);
+  }
+
   // Replaces what `box` shows with `content` (a node, text, or a nested
   // array of them).
   function fill(box, ...content) {
@@ -417,12 +422,12 @@
       "div",
       {},
       h("h1", {}, "Overview"),
-      h("section", { class: "panel", "aria-labelledby": "nodes-title" }, h("h2", { id: "nodes-title" }, "Regions, zones and nodes"), nodesBox),
+      panel("nodes-title", "Regions, zones and nodes", nodesBox),
       h(
         "div",
         { class: "grid" },
-        h("section", { class: "panel", "aria-labelledby": "apps-title" }, h("h2", { id: "apps-title" }, "Apps"), appsBox),
-        h("section", { class: "panel", "aria-labelledby": "events-title" }, h("h2", { id: "events-title" }, "Recent events"), eventsBox),
+        panel("apps-title", "Apps", appsBox),
+        panel("events-title", "Recent events", eventsBox),
       ),
     );
     async function update() {
@@ -623,22 +628,21 @@
       h(
         "div",
         { class: "grid" },
-        h("section", { class: "panel", "aria-labelledby": "summary-title" }, h("h2", { id: "summary-title" }, "Current revision"), summary),
-        h(
-          "section",
-          { class: "panel", "aria-labelledby": "actions-title" },
-          h("h2", { id: "actions-title" }, "Actions"),
+        panel("summary-title", "Current revision", summary),
+        panel(
+          "actions-title",
+          "Actions",
           h("div", { class: "actions" }, scaleForm, restartButton, rollbackButton, deleteButton),
           actionError,
         ),
       ),
-      h("section", { class: "panel", "aria-labelledby": "instances-title" }, h("h2", { id: "instances-title" }, "Instances"), instancesBox),
-      h("section", { class: "panel", "aria-labelledby": "logs-title" }, h("h2", { id: "logs-title" }, "Logs"), logs.el),
+      panel("instances-title", "Instances", instancesBox),
+      panel("logs-title", "Logs", logs.el),
       h(
         "div",
         { class: "grid" },
-        h("section", { class: "panel", "aria-labelledby": "history-title" }, h("h2", { id: "history-title" }, "History"), history),
-        h("section", { class: "panel", "aria-labelledby": "app-events-title" }, h("h2", { id: "app-events-title" }, "Events"), eventsBox),
+        panel("history-title", "History", history),
+        panel("app-events-title", "Events", eventsBox),
       ),
     );
 
@@ -866,18 +870,17 @@
       h(
         "div",
         { class: "grid" },
-        h("section", { class: "panel", "aria-labelledby": "node-title" }, h("h2", { id: "node-title" }, "Node"), facts),
-        h(
-          "section",
-          { class: "panel", "aria-labelledby": "capacity-title" },
-          h("h2", { id: "capacity-title" }, "Capacity and allocation"),
+        panel("node-title", "Node", facts),
+        panel(
+          "capacity-title",
+          "Capacity and allocation",
           capacity,
           h("h3", {}, "Actions"),
           h("div", { class: "actions" }, drainButton),
           actionError,
         ),
       ),
-      h("section", { class: "panel", "aria-labelledby": "node-instances-title" }, h("h2", { id: "node-instances-title" }, "Instances"), instancesBox),
+      panel("node-instances-title", "Instances", instancesBox),
     );
     async function update() {
       let node;
