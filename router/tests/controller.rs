@@ -18,6 +18,23 @@ const NO_ROUTE: &str = "keel router: no route for this host";
 const NO_INSTANCE: &str = "keel router: no ready instance for this route";
 
 /// The first line curl gets for `host` through the router.
+/// A router on free loopback ports (HTTPS too when `https`) that follows
+/// `cluster`'s controller as node `edge-1`.
+fn follow(cluster: &SimCluster, https: bool) -> anyhow::Result<keel_router::RouterHandle> {
+    let any: SocketAddr = "127.0.0.1:0".parse()?;
+    Ok(Router::start(RouterConfig {
+        http_addr: Some(any),
+        https_addr: https.then_some(any),
+        worker_threads: 1,
+        source: TableSource::controller(
+            cluster.admin().base_url(),
+            cluster.admin().token(),
+            "edge-1",
+        ),
+        ..RouterConfig::default()
+    })?)
+}
+
 async fn answer(http: SocketAddr, host: &str) -> String {
     curl(&["-H", &format!("Host: {host}"), &format!("http://{http}/")])
         .await
@@ -35,17 +52,7 @@ async fn follows_the_controller_and_outlives_it() -> anyhow::Result<()> {
         NodeSpec::new("edge-1", "a").role("router"),
     ])
     .await?;
-    let router = Router::start(RouterConfig {
-        http_addr: Some("127.0.0.1:0".parse()?),
-        https_addr: Some("127.0.0.1:0".parse()?),
-        worker_threads: 1,
-        source: TableSource::controller(
-            cluster.admin().base_url(),
-            cluster.admin().token(),
-            "edge-1",
-        ),
-        ..RouterConfig::default()
-    })?;
+    let router = follow(&cluster, true)?;
     let http = router.addresses().http.context("http")?;
     eventually!(Duration::from_secs(10), {
         match router.generation() {
@@ -177,17 +184,7 @@ async fn a_listen_port_route_from_a_manifest_is_served_then_closed() -> anyhow::
             std::sync::Arc::new(runtime),
         )
         .await?;
-    let router = Router::start(RouterConfig {
-        http_addr: Some("127.0.0.1:0".parse()?),
-        https_addr: None,
-        worker_threads: 1,
-        source: TableSource::controller(
-            cluster.admin().base_url(),
-            cluster.admin().token(),
-            "edge-1",
-        ),
-        ..RouterConfig::default()
-    })?;
+    let router = follow(&cluster, false)?;
     let port = free_port()?;
     let listen = SocketAddr::from(([127, 0, 0, 1], port));
     cluster
