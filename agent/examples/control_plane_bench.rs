@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use keel_agent::testing::{Admin, Instance};
+use keel_agent::testing::{Admin, Instance, ms, percentile};
 use keel_agent::{
     Agent, AgentConfig, AgentHandle, NodeCapacity, NodeRegistration, SimConfig, SimRuntime,
 };
@@ -147,18 +147,6 @@ fn memory_mb(pid: u32) -> anyhow::Result<(f64, f64)> {
         Ok(kb / 1024.0)
     };
     Ok((field("VmRSS:")?, field("VmHWM:")?))
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((sorted.len() as f64) * p).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 fn spawn_agent(

@@ -26,22 +26,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use keel_agent::docker::{DockerConfig, DockerRuntime};
-use keel_agent::testing::{ClusterConfig, NodeSpec, SimCluster};
+use keel_agent::testing::{ClusterConfig, NodeSpec, SimCluster, ms, percentile};
 
 const POLL: Duration = Duration::from_millis(5);
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((sorted.len() as f64) * p).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 fn docker(args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new("docker")

@@ -109,6 +109,21 @@ impl NodeSpec {
     }
 }
 
+/// The `p` quantile (0 to 1) of `sorted` by nearest rank, for the
+/// benchmarks; zero when empty.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((sorted.len() as f64) * p).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Milliseconds, fractional, for the benchmarks' figures.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 /// `count` nodes named `node-000`, `node-001`, ..., dealt round-robin over
 /// `zones`.
 pub fn nodes_in_zones(count: usize, zones: &[&str]) -> Vec<NodeSpec> {
