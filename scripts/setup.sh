@@ -5,6 +5,7 @@ set -euo pipefail
 
 packages=(
   protobuf-compiler # the etcd client's gRPC code is generated at build time
+  libprotobuf-dev   # ...and imports google/protobuf/*.proto, which only this package holds
   etcd-server       # tests start real etcd members on loopback
   etcd-client       # etcdctl, for poking at those members by hand
   pkg-config
