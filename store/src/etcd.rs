@@ -644,6 +644,7 @@ impl Store for EtcdStore {
             revision: header_revision(response.header()),
             db_size_bytes: u64::try_from(response.db_size()).unwrap_or(0),
             location: self.location.to_string(),
+            write_error: None,
         })
     }
 }

@@ -332,6 +332,10 @@ pub struct StoreStatus {
     pub db_size_bytes: u64,
     /// Where the store is: a file path or the etcd endpoints.
     pub location: String,
+    /// Why the store cannot accept writes right now (for example, the
+    /// embedded store's log could not be written because the disk is full),
+    /// or `None` when it can. Readiness checks report this without writing.
+    pub write_error: Option<String>,
 }
 
 /// The cluster store. See the crate documentation for the semantics.

@@ -407,6 +407,7 @@ impl Store for EmbeddedStore {
             revision,
             db_size_bytes,
             location: self.inner.path.display().to_string(),
+            write_error: None,
         })
     }
 }
