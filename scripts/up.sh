@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The README's first command: sets up what Keel needs on Debian 12 (Docker
-# Engine and friends, via setup.sh), builds the `keel` binary and the tour's
-# example image, and starts the whole cloud on this machine with the
-# embedded store. Arguments go to `keel up` (try `--help`).
+# The README's first command: sets up what running Keel needs on Debian 12
+# (setup.sh run: Docker Engine and the build's tools, not the test tools),
+# builds the `keel` binary and the tour's example image, and starts the whole
+# cloud on this machine with the embedded store. Arguments go to `keel up`
+# (try `--help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/setup.sh
+bash scripts/setup.sh run
 echo "up: building keel (release)"
 cargo build --release --locked -q -p keel
 echo "up: building the example image keel-testserver:dev"
