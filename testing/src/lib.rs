@@ -66,9 +66,28 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// A tool a test runs, found on the `PATH`. When it is missing, the test
+/// stops with one line that names the Debian package to install, rather
+/// than an "No such file or directory" from the first spawn.
+pub fn tool(name: &str, package: &str) -> PathBuf {
+    find_on_path(name).unwrap_or_else(|| {
+        panic!(
+            "`{name}` is not installed: install the Debian package {package} \
+             (bash scripts/setup.sh test installs everything the tests use)"
+        )
+    })
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
 /// The etcd binary to run.
 fn etcd_binary() -> PathBuf {
-    std::env::var_os("KEEL_ETCD_BIN").map_or_else(|| PathBuf::from("etcd"), PathBuf::from)
+    std::env::var_os("KEEL_ETCD_BIN").map_or_else(|| tool("etcd", "etcd-server"), PathBuf::from)
 }
 
 /// A token unique to this process and call, so members of different test
