@@ -95,39 +95,52 @@ cd /src/keel
 step() { echo "fresh-root: == $*"; }
 
 step "the README's first command: scripts/up.sh (setup run, build, keel up)"
-bash scripts/up.sh --data-dir /var/lib/keel-fresh --listen 127.0.0.1:17070 \
+# Its own session, so the whole group (cargo while it builds) can be stopped.
+setsid bash scripts/up.sh --data-dir /var/lib/keel-fresh --listen 127.0.0.1:17070 \
   --http 127.0.0.1:18080 --https off --name fresh-root-tour >/var/log/keel-up.log 2>&1 &
 up=$!
+stop_up() { kill -INT -- "-$up" 2>/dev/null || true; wait "$up" 2>/dev/null || true; }
+failed() {
+  echo "fresh-root: $*; keel up's output:" >&2
+  tail -n 40 /var/log/keel-up.log >&2
+  stop_up
+  exit 1
+}
 export PATH="/src/keel/target/release:$PATH"
+# Building takes as long as it takes; once keel starts, its node has a minute.
+until grep -q '^up: starting Keel' /var/log/keel-up.log; do
+  kill -0 "$up" 2>/dev/null || failed "scripts/up.sh stopped before starting Keel"
+  sleep 2
+done
 ready=false
-for _ in $(seq 1 1200); do
-  kill -0 "$up" 2>/dev/null || break
+for _ in $(seq 1 60); do
+  kill -0 "$up" 2>/dev/null || failed "keel up stopped"
   if keel nodes 2>/dev/null | grep -q 'fresh-root-tour.*ready'; then ready=true; break; fi
   sleep 1
 done
-if ! $ready; then
-  echo "fresh-root: keel up did not bring its node to ready; its output:" >&2
-  tail -n 40 /var/log/keel-up.log >&2
-  kill "$up" 2>/dev/null || true
-  exit 1
-fi
-status=0
+$ready || failed "keel up did not bring its node to ready within a minute"
 {
   keel deploy -f examples/hello/app.yaml --timeout 3m &&
     answer=$(curl -fsS --max-time 10 -H 'Host: hello.keel.test' http://127.0.0.1:18080/) &&
     echo "fresh-root: the tour's app answered through the router: ${answer:0:60}" &&
     keel rm hello --project tour
-} || status=$?
-kill -INT "$up" 2>/dev/null || true
-wait "$up" 2>/dev/null || true
-if [ "$status" -ne 0 ]; then
-  echo "fresh-root: the tour failed (exit $status); keel up's output:" >&2
-  tail -n 40 /var/log/keel-up.log >&2
-  exit 1
-fi
+} || failed "the tour failed"
+stop_up
 
 step "the README's second command's set-up, and a build of every target"
+# Debian's nginx and etcd would serve on 80 and 2379; set-up must leave no
+# such service running. (The network is this machine's: only a port that was
+# free before set-up counts.)
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+free_before=()
+for port in 80 2379; do listening "$port" || free_before+=("$port"); done
 bash scripts/setup.sh test
+for port in "${free_before[@]}"; do
+  if listening "$port"; then
+    echo "fresh-root: something listens on port $port after scripts/setup.sh test" >&2
+    exit 1
+  fi
+done
 cargo build --workspace --all-targets --locked
 STEPS
 
