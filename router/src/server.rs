@@ -296,13 +296,13 @@ async fn passthrough_connection(
             }
         };
         let _ = instance.set_nodelay(true);
-        backend.outstanding.fetch_add(1, Ordering::Relaxed);
+        let in_flight = crate::table::InFlight::new(backend.clone());
         let copied = async {
             instance.write_all(&hello).await?;
             tokio::io::copy_bidirectional(&mut client, &mut instance).await
         }
         .await;
-        backend.outstanding.fetch_sub(1, Ordering::Relaxed);
+        drop(in_flight);
         tracing::info!(
             target: "keel_router::access",
             route = %route.label,
