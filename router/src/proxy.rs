@@ -41,6 +41,9 @@ pub(crate) struct Shared {
     pub balance: Balance,
     pub limits: Limits,
     pub global: Global,
+    /// Why the controller stream is down now (its last error), for
+    /// `/readyz`; `None` while it is up or when there is no stream.
+    stream_error: std::sync::Mutex<Option<String>>,
     epoch: Instant,
     request_ids: AtomicU64,
     /// Random per start, so request ids of two routers never collide.
@@ -56,6 +59,7 @@ impl Shared {
             balance,
             limits,
             global: Global::default(),
+            stream_error: std::sync::Mutex::new(None),
             epoch: Instant::now(),
             request_ids: AtomicU64::new(0),
             id_prefix: RandomState::new().hash_one(std::process::id()),
@@ -76,6 +80,17 @@ impl Shared {
             .registry
             .compile(wire, self.limits.max_idle_per_backend);
         self.table.store(Arc::new(table));
+    }
+
+    pub fn set_stream_error(&self, error: Option<String>) {
+        *self.stream_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    pub fn stream_error(&self) -> Option<String> {
+        self.stream_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn request_id(&self) -> HeaderValue {
