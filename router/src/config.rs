@@ -140,7 +140,8 @@ impl TableSource {
             token: token.into(),
             node: node.into(),
             reconnect_max_ms: 5_000,
-            silence_timeout_ms: 30_000,
+            silence_timeout_ms: default_silence_timeout_ms(),
+            max_line_bytes: default_max_line_bytes(),
         })
     }
 
@@ -169,6 +170,12 @@ pub struct ControllerSource {
     /// silence the connection is taken for dead and opened again.
     #[serde(default = "default_silence_timeout_ms")]
     pub silence_timeout_ms: u64,
+    /// The longest line (one whole route table, certificates included)
+    /// taken from the stream; a longer one is an error, the connection is
+    /// dropped and opened again, so a broken or hostile controller cannot
+    /// make the router buffer without bound.
+    #[serde(default = "default_max_line_bytes")]
+    pub max_line_bytes: u64,
 }
 
 fn default_reconnect_max_ms() -> u64 {
@@ -177,4 +184,9 @@ fn default_reconnect_max_ms() -> u64 {
 
 fn default_silence_timeout_ms() -> u64 {
     30_000
+}
+
+/// 64 MiB: thousands of routes and certificates with their keys.
+fn default_max_line_bytes() -> u64 {
+    64 * 1024 * 1024
 }

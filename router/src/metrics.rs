@@ -269,6 +269,21 @@ pub(crate) fn render(global: &Global, table: &Table) -> String {
             m.sum_us.load(Ordering::Relaxed) as f64 / 1e6,
         );
     }
+    out.push_str(
+        "# HELP keel_router_instance_requests_in_flight Requests (and TLS passthrough connections) an instance is serving now, by route and instance address; an instance in two routes shows its one count under each.\n\
+         # TYPE keel_router_instance_requests_in_flight gauge\n",
+    );
+    for route in &table.routes {
+        for backend in &route.backends {
+            let _ = writeln!(
+                out,
+                "keel_router_instance_requests_in_flight{{route=\"{}\",instance=\"{}\"}} {}",
+                route.label,
+                backend.addr,
+                backend.in_flight()
+            );
+        }
+    }
     render_tcp(&global.tcp, &mut out);
     out
 }

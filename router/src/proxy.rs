@@ -21,7 +21,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::config::{Balance, Limits};
 use crate::metrics::Global;
-use crate::table::{Backend, Registry, Route, Table, normalize_host};
+use crate::table::{Backend, InFlight, Registry, Route, Table, normalize_host};
 use crate::upstream::{self, Conn, ExchangeError, RequestBody, UpstreamBody};
 
 pub(crate) type RespBody = Either<UpstreamBody, Full<Bytes>>;
@@ -41,6 +41,9 @@ pub(crate) struct Shared {
     pub balance: Balance,
     pub limits: Limits,
     pub global: Global,
+    /// Why the controller stream is down now (its last error), for
+    /// `/readyz`; `None` while it is up or when there is no stream.
+    stream_error: std::sync::Mutex<Option<String>>,
     epoch: Instant,
     request_ids: AtomicU64,
     /// Random per start, so request ids of two routers never collide.
@@ -56,6 +59,7 @@ impl Shared {
             balance,
             limits,
             global: Global::default(),
+            stream_error: std::sync::Mutex::new(None),
             epoch: Instant::now(),
             request_ids: AtomicU64::new(0),
             id_prefix: RandomState::new().hash_one(std::process::id()),
@@ -76,6 +80,17 @@ impl Shared {
             .registry
             .compile(wire, self.limits.max_idle_per_backend);
         self.table.store(Arc::new(table));
+    }
+
+    pub fn set_stream_error(&self, error: Option<String>) {
+        *self.stream_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    pub fn stream_error(&self) -> Option<String> {
+        self.stream_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn request_id(&self) -> HeaderValue {
@@ -360,7 +375,10 @@ async fn forward(
                 }
             }
         };
-        backend.outstanding.fetch_add(1, Ordering::Relaxed);
+        // Counted from here until the response body is done or dropped;
+        // if the client goes away first, hyper drops this future and the
+        // guard with it.
+        let in_flight = InFlight::new(backend.clone());
         let exchanged = tokio::time::timeout(
             Duration::from_millis(limits.response_timeout_ms),
             upstream::exchange(
@@ -373,12 +391,12 @@ async fn forward(
         .await;
         let error = match exchanged {
             Ok(Ok(head)) => {
-                *upstream = Some(backend.clone());
-                return response(instance, head, backend, request_id, client_upgrade);
+                *upstream = Some(backend);
+                return response(instance, head, in_flight, request_id, client_upgrade);
             }
             Ok(Err(error)) => error,
             Err(_) => {
-                backend.outstanding.fetch_sub(1, Ordering::Relaxed);
+                drop(in_flight);
                 route.metrics.upstream_error();
                 *upstream = Some(backend);
                 return text(
@@ -387,7 +405,7 @@ async fn forward(
                 );
             }
         };
-        backend.outstanding.fetch_sub(1, Ordering::Relaxed);
+        drop(in_flight);
         if let ExchangeError::NoResponse(_) = &error
             && !has_body
         {
@@ -448,13 +466,14 @@ fn too_large() -> Response<RespBody> {
 fn response(
     mut instance: Conn,
     head: upstream::Head,
-    backend: Arc<Backend>,
+    in_flight: InFlight,
     request_id: HeaderValue,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<RespBody> {
     let switching = head.status == StatusCode::SWITCHING_PROTOCOLS;
     let body = if switching {
-        backend.outstanding.fetch_sub(1, Ordering::Relaxed);
+        // A tunnel is not a request in flight: it may stay open for hours.
+        drop(in_flight);
         let Some(client_upgrade) = client_upgrade else {
             return text(
                 StatusCode::BAD_GATEWAY,
@@ -474,7 +493,7 @@ fn response(
         });
         Either::Right(Full::new(Bytes::new()))
     } else {
-        Either::Left(UpstreamBody::new(instance, &head, backend))
+        Either::Left(UpstreamBody::new(instance, &head, in_flight))
     };
     let mut response = Response::new(body);
     *response.status_mut() = head.status;

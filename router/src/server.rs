@@ -296,13 +296,13 @@ async fn passthrough_connection(
             }
         };
         let _ = instance.set_nodelay(true);
-        backend.outstanding.fetch_add(1, Ordering::Relaxed);
+        let in_flight = crate::table::InFlight::new(backend.clone());
         let copied = async {
             instance.write_all(&hello).await?;
             tokio::io::copy_bidirectional(&mut client, &mut instance).await
         }
         .await;
-        backend.outstanding.fetch_sub(1, Ordering::Relaxed);
+        drop(in_flight);
         tracing::info!(
             target: "keel_router::access",
             route = %route.label,
@@ -323,7 +323,58 @@ async fn passthrough_connection(
     );
 }
 
-/// Serves `/metrics` until `stop`.
+/// What the control listener answers: `/metrics` (Prometheus text),
+/// `/healthz` (the process serves: always 200) and `/readyz` (200 once the
+/// router has a route table, from its file or from the controller at
+/// least once; 503 before), each with a short body that says why.
+fn control_answer(path: &str, shared: &Shared) -> (hyper::StatusCode, &'static str, String) {
+    use hyper::StatusCode;
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let table = shared.table.load();
+    match path {
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            crate::metrics::render(&shared.global, &table),
+        ),
+        "/healthz" => (StatusCode::OK, TEXT, "ok: the router is serving\n".into()),
+        "/readyz" => match (table.generation, shared.stream_error()) {
+            (Some(generation), None) => (
+                StatusCode::OK,
+                TEXT,
+                format!("ready: serving route table generation {generation}\n"),
+            ),
+            (Some(generation), Some(error)) => (
+                StatusCode::OK,
+                TEXT,
+                format!(
+                    "ready: serving route table generation {generation}; \
+                     the controller stream is down ({error}), reconnecting\n"
+                ),
+            ),
+            (None, None) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                "not ready: no route table received from the controller yet\n".into(),
+            ),
+            (None, Some(error)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                format!(
+                    "not ready: no route table received from the controller yet; \
+                     last error: {error}\n"
+                ),
+            ),
+        },
+        _ => (
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "try /metrics, /healthz or /readyz\n".into(),
+        ),
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `stop`.
 pub(crate) async fn serve_metrics(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -341,27 +392,15 @@ pub(crate) async fn serve_metrics(
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let shared = shared.clone();
-                    async move {
-                        let (status, body) = if req.uri().path() == "/metrics" {
-                            let table = shared.table.load();
-                            (
-                                hyper::StatusCode::OK,
-                                crate::metrics::render(&shared.global, &table),
-                            )
-                        } else {
-                            (hyper::StatusCode::NOT_FOUND, "try /metrics\n".to_owned())
-                        };
-                        let mut response = hyper::Response::new(http_body_util::Full::new(
-                            bytes::Bytes::from(body),
-                        ));
-                        *response.status_mut() = status;
-                        response.headers_mut().insert(
-                            hyper::header::CONTENT_TYPE,
-                            HeaderValue::from_static("text/plain; version=0.0.4"),
-                        );
-                        Ok::<_, std::convert::Infallible>(response)
-                    }
+                    let (status, content_type, body) = control_answer(req.uri().path(), &shared);
+                    let mut response =
+                        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+                    *response.status_mut() = status;
+                    response.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        HeaderValue::from_static(content_type),
+                    );
+                    std::future::ready(Ok::<_, std::convert::Infallible>(response))
                 });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

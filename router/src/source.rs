@@ -29,6 +29,21 @@ pub(crate) fn read_file(path: &Path) -> Result<RouteTable, RouterError> {
     })
 }
 
+/// How much of an error answer's body is kept for the log.
+const MAX_ERROR_BODY_BYTES: usize = 4096;
+
+/// `error` and its sources, as one line.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Why one connection to the controller's stream ended.
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
@@ -47,6 +62,11 @@ enum StreamError {
     Silent(Duration),
     #[error("the controller sent a line that is not a route table")]
     Json(#[source] serde_json::Error),
+    #[error(
+        "the controller sent a line longer than max_line_bytes ({max_line_bytes} bytes); \
+         dropped the connection"
+    )]
+    LineTooLong { max_line_bytes: usize },
     #[error("the controller closed the stream")]
     Ended,
 }
@@ -76,6 +96,7 @@ pub(crate) async fn follow(
             () = crate::stopped(&mut stop) => return,
         };
         if let Err(error) = result {
+            shared.set_stream_error(Some(chain(&error)));
             tracing::warn!(
                 error = %error,
                 source = ?std::error::Error::source(&error),
@@ -115,14 +136,26 @@ async fn stream_once(
         })?;
     let status = response.status();
     if !status.is_success() {
-        let body = response.text().await.unwrap_or_default();
+        // The controller's explanation, as far as it is short: an error
+        // body is no more trusted to end than a line is.
+        let mut body = Vec::new();
+        while body.len() < MAX_ERROR_BODY_BYTES {
+            match tokio::time::timeout(Duration::from_secs(5), response.chunk()).await {
+                Ok(Ok(Some(chunk))) => body.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+        body.truncate(MAX_ERROR_BODY_BYTES);
         return Err(StreamError::Status {
             status,
-            body: body.trim().to_owned(),
+            body: String::from_utf8_lossy(&body).trim().to_owned(),
         });
     }
     let silence = Duration::from_millis(source.silence_timeout_ms);
+    let max_line_bytes = usize::try_from(source.max_line_bytes).unwrap_or(usize::MAX);
     let mut buf: Vec<u8> = Vec::new();
+    // `buf[..scanned]` holds no newline: each byte is looked at once.
+    let mut scanned = 0;
     loop {
         let chunk = tokio::time::timeout(silence, response.chunk())
             .await
@@ -135,7 +168,12 @@ async fn stream_once(
             return Err(StreamError::Ended);
         };
         buf.extend_from_slice(&chunk);
-        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+        while let Some(at) = buf[scanned..].iter().position(|b| *b == b'\n') {
+            let end = scanned + at;
+            scanned = 0;
+            if end > max_line_bytes {
+                return Err(StreamError::LineTooLong { max_line_bytes });
+            }
             let line: Vec<u8> = buf.drain(..=end).collect();
             let line = line.trim_ascii();
             if line.is_empty() {
@@ -149,9 +187,17 @@ async fn stream_once(
             );
             shared.swap(&table);
             tcp.apply(&table);
+            shared.set_stream_error(None);
             // Healthy again: the next loss retries after 100 ms (the
             // backoff doubles once before the retry).
             *backoff = Duration::from_millis(50);
+        }
+        // What is left is the start of a line: past the limit it can only
+        // end as a line too long, so the connection is dropped before its
+        // bytes pile up.
+        scanned = buf.len();
+        if scanned > max_line_bytes {
+            return Err(StreamError::LineTooLong { max_line_bytes });
         }
     }
 }

@@ -2,6 +2,12 @@
 //! `RouteTable` into maps by host, with per-instance state (connection
 //! pool, requests in flight, passive health) and per-route metrics that
 //! survive table swaps, so that a swap never costs a warm connection.
+//!
+//! Requests in flight are counted only through [`InFlight`], whose `Drop`
+//! takes the count back: a request that ends in any way (answered, failed,
+//! timed out, or dropped because its client went away) can never leave
+//! its instance looking busy, which least-outstanding balancing would
+//! otherwise avoid for good.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,11 +30,60 @@ pub(crate) struct Backend {
     pub addr: String,
     /// Parsed once; `None` when the address is a name, resolved per connect.
     pub socket: Option<SocketAddr>,
-    pub outstanding: AtomicUsize,
+    /// Requests (and passthrough connections) in flight; only
+    /// [`InFlight`] changes it.
+    outstanding: AtomicUsize,
     /// Milliseconds since the router started before which this instance is
     /// skipped (it refused a connection).
     pub down_until_ms: AtomicU64,
     pub pool: Pool,
+}
+
+impl Backend {
+    /// Requests (and passthrough connections) it is serving now.
+    pub fn in_flight(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+}
+
+/// Something whose work in flight is counted, for balancing: an HTTP
+/// route's instance counts requests, a TCP route's open connections.
+pub(crate) trait Counted {
+    fn in_flight_counter(&self) -> &AtomicUsize;
+}
+
+impl Counted for Backend {
+    fn in_flight_counter(&self) -> &AtomicUsize {
+        &self.outstanding
+    }
+}
+
+/// One unit of work counted on its instance for as long as this lives.
+/// Hold it wherever the work is (the request's future, then the response
+/// body, then a tunnel), so that however the work ends, even by its
+/// future being dropped mid-way, the count comes back down.
+#[derive(Debug)]
+pub(crate) struct InFlight<B: Counted = Backend> {
+    backend: Arc<B>,
+}
+
+impl<B: Counted> InFlight<B> {
+    pub fn new(backend: Arc<B>) -> Self {
+        backend.in_flight_counter().fetch_add(1, Ordering::Relaxed);
+        Self { backend }
+    }
+
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+}
+
+impl<B: Counted> Drop for InFlight<B> {
+    fn drop(&mut self) {
+        self.backend
+            .in_flight_counter()
+            .fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One route with the instances it may go to now.
@@ -64,27 +119,30 @@ impl Route {
 
 /// What balancing needs to know of an instance; HTTP routes count
 /// requests in flight, TCP routes open connections.
-pub(crate) trait Candidate {
+pub(crate) trait Candidate: Counted {
     /// Milliseconds since the router started before which it is skipped.
     fn down_until_ms(&self) -> u64;
-    fn load(&self) -> usize;
+
+    fn load(&self) -> usize {
+        self.in_flight_counter().load(Ordering::Relaxed)
+    }
 }
 
 impl Candidate for Backend {
     fn down_until_ms(&self) -> u64 {
         self.down_until_ms.load(Ordering::Relaxed)
     }
-
-    fn load(&self) -> usize {
-        self.outstanding.load(Ordering::Relaxed)
-    }
 }
 
-/// Chooses among the `usable` of `backends`, looking from `start` on: the
-/// first in turn, or the one with the least load (ties in turn), skipping
-/// those marked down. When every usable one is down, one is chosen
-/// anyway: a refused connection answers faster than a 503 would help,
-/// and that is how a recovered instance is noticed.
+/// Chooses among the `usable` of `backends`, skipping those marked down:
+/// with round robin any of them, with least outstanding one of those with
+/// the least load. Among those equally good the `start`-th (modulo their
+/// number) is taken, so a caller that passes a counter spreads its picks
+/// evenly over all of them; taking the first one found from a rotating
+/// start instead would give the instance after a busy one a double share.
+/// When every usable one is down, one is chosen anyway (in turn): a
+/// refused connection answers faster than a 503 would help, and that is
+/// how a recovered instance is noticed.
 pub(crate) fn pick<B: Candidate>(
     backends: &[Arc<B>],
     start: usize,
@@ -92,29 +150,39 @@ pub(crate) fn pick<B: Candidate>(
     now_ms: u64,
     usable: impl Fn(&Arc<B>) -> bool,
 ) -> Option<&Arc<B>> {
-    let n = backends.len();
-    let in_turn = (0..n).map(|i| &backends[(start + i) % n]);
-    let mut best: Option<&Arc<B>> = None;
-    let mut best_load = usize::MAX;
-    for backend in in_turn.clone() {
-        if !usable(backend) || backend.down_until_ms() > now_ms {
-            continue;
-        }
-        match balance {
-            Balance::RoundRobin => return Some(backend),
-            Balance::LeastOutstanding => {
-                let load = backend.load();
-                if load < best_load {
-                    best = Some(backend);
-                    best_load = load;
-                    if load == 0 {
-                        break;
-                    }
-                }
-            }
+    let load = |b: &B| match balance {
+        Balance::RoundRobin => 0,
+        Balance::LeastOutstanding => b.load(),
+    };
+    let up = |b: &&Arc<B>| usable(b) && b.down_until_ms() <= now_ms;
+    let mut least = usize::MAX;
+    let mut ties = 0usize;
+    let mut first = None;
+    for backend in backends.iter().filter(up) {
+        let l = load(backend);
+        if l < least {
+            least = l;
+            ties = 1;
+            first = Some(backend);
+        } else if l == least {
+            ties += 1;
         }
     }
-    best.or_else(|| in_turn.into_iter().find(|b| usable(b)))
+    if ties > 0 {
+        // Loads may move between the two passes: then the first found
+        // with the least load stands in.
+        let nth = start % ties;
+        return backends
+            .iter()
+            .filter(up)
+            .filter(|b| load(b) <= least)
+            .nth(nth)
+            .or(first);
+    }
+    let n = backends.len();
+    (0..n)
+        .map(|i| &backends[(start + i) % n])
+        .find(|b| usable(b))
 }
 
 /// The routes of one host, longest path first.
@@ -460,6 +528,52 @@ mod tests {
     }
 
     #[test]
+    fn ties_are_spread_evenly_around_a_busy_instance() {
+        let t = table(vec![entry(
+            "h",
+            "/",
+            &["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"],
+        )]);
+        let route = t.find("h", "/").expect("route");
+        let busy = InFlight::new(route.backends[0].clone());
+        for balance in [Balance::LeastOutstanding, Balance::RoundRobin] {
+            let mut picks = std::collections::BTreeMap::<String, usize>::new();
+            for _ in 0..30 {
+                let b = route.pick(balance, 0, None).expect("backend");
+                *picks.entry(b.addr.clone()).or_default() += 1;
+            }
+            let shares: Vec<usize> = picks.values().copied().collect();
+            match balance {
+                // The busy one is avoided and the others share evenly,
+                // the one after it no more than the rest.
+                Balance::LeastOutstanding => assert_eq!(shares, [10, 10, 10], "{picks:?}"),
+                Balance::RoundRobin => assert!(
+                    shares.len() == 4 && shares.iter().all(|n| (7..=8).contains(n)),
+                    "{picks:?}"
+                ),
+            }
+        }
+        drop(busy);
+        assert_eq!(route.backends[0].in_flight(), 0);
+    }
+
+    #[test]
+    fn an_in_flight_count_is_taken_back_however_the_request_ends() {
+        let t = table(vec![entry("h", "/", &["127.0.0.1:1"])]);
+        let backend = t.find("h", "/").expect("route").backends[0].clone();
+        let guard = InFlight::new(backend.clone());
+        assert_eq!(backend.in_flight(), 1);
+        // A request future dropped mid-way (its client went away) drops
+        // its guard with it.
+        let abandoned = async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+        };
+        drop(abandoned);
+        assert_eq!(backend.in_flight(), 0);
+    }
+
+    #[test]
     fn backends_survive_a_swap() {
         let registry = Registry::default();
         let wire = |backends: &[&str]| RouteTable {
@@ -472,6 +586,14 @@ mod tests {
         let a = &first.find("h", "/").expect("route").backends[0];
         let b = &second.find("h", "/").expect("route").backends[0];
         assert!(Arc::ptr_eq(a, b));
+        // The count carried over is the live one: a request that began
+        // under the first table ends under the second.
+        let request = InFlight::new(a.clone());
+        let third = registry.compile(&wire(&["127.0.0.1:2", "127.0.0.1:1"]), 8);
+        let c = &third.find("h", "/").expect("route").backends[1];
+        assert_eq!(c.in_flight(), 1);
+        drop(request);
+        assert_eq!(c.in_flight(), 0);
         assert!(Arc::ptr_eq(
             &first.routes[0].metrics,
             &second.routes[0].metrics

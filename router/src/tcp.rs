@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 use crate::RouterError;
 use crate::config::{Balance, Limits};
 use crate::metrics::{PortMetrics, TcpMetrics};
+use crate::table::{Counted, InFlight};
 
 /// How often ports that could not be bound are tried again, besides on
 /// every new table.
@@ -56,7 +57,8 @@ pub(crate) struct Settings {
 #[derive(Debug)]
 struct Backend {
     addr: String,
-    /// Connections open to it now (for least-connections balancing).
+    /// Connections open to it now (for least-connections balancing); only
+    /// [`InFlight`] changes it.
     open: AtomicUsize,
     /// Milliseconds since the router started before which it is skipped.
     down_until_ms: AtomicU64,
@@ -82,13 +84,15 @@ impl Route {
     }
 }
 
+impl Counted for Backend {
+    fn in_flight_counter(&self) -> &AtomicUsize {
+        &self.open
+    }
+}
+
 impl crate::table::Candidate for Backend {
     fn down_until_ms(&self) -> u64 {
         self.down_until_ms.load(Ordering::Relaxed)
-    }
-
-    fn load(&self) -> usize {
-        self.open.load(Ordering::Relaxed)
     }
 }
 
@@ -383,22 +387,6 @@ impl Drop for Open<'_> {
     }
 }
 
-/// A connection counted on its instance, for least-connections balancing.
-struct Busy<'a>(&'a Backend);
-
-impl<'a> Busy<'a> {
-    fn new(backend: &'a Backend) -> Self {
-        backend.open.fetch_add(1, Ordering::Relaxed);
-        Busy(backend)
-    }
-}
-
-impl Drop for Busy<'_> {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 async fn serve(
     inner: Arc<Inner>,
     port: u16,
@@ -424,7 +412,9 @@ async fn serve(
         tracing::debug!(port, %peer, "no ready instance; TCP connection closed");
         return;
     };
-    let _busy = Busy::new(&backend);
+    // Counted on its instance, for least-connections balancing, until the
+    // connection ends however it ends.
+    let _open_on_instance = InFlight::new(backend.clone());
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     // Each direction ends on its own: an EOF from one side becomes a

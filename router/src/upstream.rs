@@ -13,8 +13,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -25,7 +23,7 @@ use hyper::{Method, StatusCode};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::table::Backend;
+use crate::table::InFlight;
 
 /// Response heads larger than this are refused (502).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -476,16 +474,18 @@ pub(crate) struct UpstreamBody {
     conn: Option<Conn>,
     framing: Framing,
     keep_alive: bool,
-    backend: Arc<Backend>,
+    /// The request stays counted on its instance until the body is done
+    /// or dropped.
+    in_flight: InFlight,
 }
 
 impl UpstreamBody {
-    pub fn new(conn: Conn, head: &Head, backend: Arc<Backend>) -> Self {
+    pub fn new(conn: Conn, head: &Head, in_flight: InFlight) -> Self {
         Self {
             conn: Some(conn),
             framing: head.framing,
             keep_alive: head.keep_alive,
-            backend,
+            in_flight,
         }
     }
 
@@ -577,14 +577,14 @@ impl Body for UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        self.backend.outstanding.fetch_sub(1, Ordering::Relaxed);
+        // The count itself comes back when `in_flight` drops, after this.
         if self.done()
             && self.keep_alive
             && let Some(mut conn) = self.conn.take()
             && conn.buf.is_empty()
         {
             conn.reused = true;
-            self.backend.pool.put(conn);
+            self.in_flight.backend().pool.put(conn);
         }
     }
 }

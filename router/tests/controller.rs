@@ -17,7 +17,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const NO_ROUTE: &str = "keel router: no route for this host";
 const NO_INSTANCE: &str = "keel router: no ready instance for this route";
 
-/// The first line curl gets for `host` through the router.
 /// A router on free loopback ports (HTTPS too when `https`) that follows
 /// `cluster`'s controller as node `edge-1`.
 fn follow(cluster: &SimCluster, https: bool) -> anyhow::Result<keel_router::RouterHandle> {
@@ -25,6 +24,7 @@ fn follow(cluster: &SimCluster, https: bool) -> anyhow::Result<keel_router::Rout
     Ok(Router::start(RouterConfig {
         http_addr: Some(any),
         https_addr: https.then_some(any),
+        metrics_addr: Some(any),
         worker_threads: 1,
         source: TableSource::controller(
             cluster.admin().base_url(),
@@ -35,6 +35,7 @@ fn follow(cluster: &SimCluster, https: bool) -> anyhow::Result<keel_router::Rout
     })?)
 }
 
+/// The first line curl gets for `host` through the router.
 async fn answer(http: SocketAddr, host: &str) -> String {
     curl(&["-H", &format!("Host: {host}"), &format!("http://{http}/")])
         .await
@@ -225,5 +226,116 @@ async fn a_listen_port_route_from_a_manifest_is_served_then_closed() -> anyhow::
     router.shutdown().await;
     cluster.shutdown().await?;
     echo.stop();
+    Ok(())
+}
+
+/// `count` backends on consecutive loopback ports (a simulated node gives
+/// out published ports in order from its first), each named `b{port}`.
+async fn consecutive_backends(count: u16) -> anyhow::Result<Vec<Backend>> {
+    for attempt in 0..50u16 {
+        let base = 20_000 + (std::process::id() as u16 % 200 + attempt * 211) % 200 * 150;
+        let free = (base..base + count)
+            .all(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+        if !free {
+            continue;
+        }
+        let mut backends = Vec::new();
+        for port in base..base + count {
+            match Backend::start_on(
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                &format!("b{port}"),
+            )
+            .await
+            {
+                Ok(backend) => backends.push(backend),
+                Err(_) => break,
+            }
+        }
+        if backends.len() == usize::from(count) {
+            return Ok(backends);
+        }
+        for backend in backends {
+            backend.stop().await;
+        }
+    }
+    anyhow::bail!("no {count} consecutive free loopback ports")
+}
+
+/// Scaled up and down through the controller's stream (3, 6, 1, 3, as a
+/// user would), with clients leaving mid-request at every step: after
+/// each step every instance the route table lists gets its share of
+/// sequential requests, the one kept through the scale down included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_listed_instance_gets_its_share_through_scaling() -> anyhow::Result<()> {
+    init_tracing();
+    const HOST: &str = "scale.example.com";
+    // 3 + 3 started, 5 stopped, 2 started: 8 published ports, and spares.
+    let backends = consecutive_backends(10).await?;
+    let mut cluster = SimCluster::start(&[]).await?;
+    let runtime = keel_agent::SimRuntime::new(keel_agent::SimConfig {
+        first_host_port: backends[0].addr.port(),
+        ..keel_agent::SimConfig::new("127.0.0.1")
+    });
+    cluster
+        .add_node_with(
+            NodeSpec::new("edge-1", "a").role("router"),
+            "127.0.0.1",
+            std::sync::Arc::new(runtime),
+        )
+        .await?;
+    let router = follow(&cluster, false)?;
+    let http = router.addresses().http.context("http")?;
+    cluster
+        .admin()
+        .apply(&format!(
+            "name: web\nproject: shop\nimage: nginx:1\ninstances: 3\n\
+             ports:\n  - name: http\n    port: 8080\n\
+             routes:\n  - host: {HOST}\n    port: http\n"
+        ))
+        .await?;
+    let mut previous = std::collections::BTreeSet::new();
+    for step in [3, 6, 1, 3] {
+        if step != 3 || !previous.is_empty() {
+            cluster.admin().scale("shop", "web", step).await?;
+        }
+        // The router's table lists as many instances as were asked for.
+        let listed = eventually!(Duration::from_secs(20), {
+            let listed: std::collections::BTreeSet<String> = metrics_text(&router)
+                .await
+                .map(|text| in_flight(&text).into_keys().collect())
+                .unwrap_or_default();
+            if listed.len() == step as usize && listed != previous {
+                Ok(listed)
+            } else {
+                Err(format!(
+                    "{} listed, {step} asked for: {listed:?}",
+                    listed.len()
+                ))
+            }
+        });
+        let names: std::collections::BTreeSet<String> = listed
+            .iter()
+            .map(|addr| format!("b{}", addr.rsplit(':').next().unwrap_or_default()))
+            .collect();
+        // Clients that leave mid-request, one after another and at once.
+        abandon(http, HOST, false).await?;
+        abandon(http, HOST, true).await?;
+        let burst: Vec<_> = (0..3)
+            .map(|i| tokio::spawn(async move { abandon(http, HOST, i % 2 == 0).await }))
+            .collect();
+        for client in burst {
+            client.await??;
+        }
+        wait_idle(&router).await?;
+        let n = 10 * step as usize;
+        let counts = shares(http, HOST, n).await?;
+        assert_every_share(&counts, &names, n);
+        previous = listed;
+    }
+    router.shutdown().await;
+    cluster.shutdown().await?;
+    for backend in backends {
+        backend.stop().await;
+    }
     Ok(())
 }

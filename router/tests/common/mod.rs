@@ -359,3 +359,119 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
         (name == series).then(|| value.parse().ok())?
     })
 }
+
+/// Every instance's requests in flight, by address, from a `/metrics`
+/// text (`keel_router_instance_requests_in_flight`).
+pub fn in_flight(metrics: &str) -> std::collections::BTreeMap<String, f64> {
+    metrics
+        .lines()
+        .filter_map(|line| {
+            let labels = line.strip_prefix("keel_router_instance_requests_in_flight{")?;
+            let (labels, value) = labels.rsplit_once("} ")?;
+            let instance = labels.split("instance=\"").nth(1)?.split('"').next()?;
+            Some((instance.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Waits (up to 10 s) until no instance of the router has a request in
+/// flight; fails naming the counts that stayed.
+pub async fn wait_idle(router: &RouterHandle) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let counts = in_flight(&metrics_text(router).await?);
+        anyhow::ensure!(!counts.is_empty(), "no instance in /metrics");
+        if counts.values().all(|n| *n == 0.0) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "requests stay counted in flight after their clients left: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A request to the backends' `/slow` (500 ms) whose client gives up after
+/// 150 ms and closes its connection, over HTTP/1.1 or HTTP/2 (cleartext,
+/// prior knowledge).
+pub async fn abandon(http: SocketAddr, host: &str, http2: bool) -> anyhow::Result<()> {
+    let url = format!("http://{host}:{}/slow", http.port());
+    let resolve = format!("{host}:{}:{}", http.port(), http.ip());
+    let version = if http2 {
+        "--http2-prior-knowledge"
+    } else {
+        "--http1.1"
+    };
+    let output = run(
+        "curl",
+        &[
+            "-sS".into(),
+            "--max-time".into(),
+            "0.15".into(),
+            version.into(),
+            "--resolve".into(),
+            resolve,
+            url,
+        ],
+    )
+    .await?;
+    // 28: curl's "operation timed out", i.e. it gave up as asked.
+    anyhow::ensure!(
+        output.status.code() == Some(28),
+        "curl should have given up: {:?} {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// Sends `n` requests one after another (one keep-alive connection) and
+/// counts which backend answered each, by the first word of its answer.
+pub async fn shares(
+    http: SocketAddr,
+    host: &str,
+    n: usize,
+) -> anyhow::Result<std::collections::BTreeMap<String, usize>> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let mut counts = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let response = client
+            .get(format!("http://{http}/"))
+            .header("Host", host)
+            .send()
+            .await?;
+        let status = response.status();
+        let body = response.text().await?;
+        anyhow::ensure!(status.is_success(), "{status}: {body}");
+        let name = body
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        *counts.entry(name).or_insert(0) += 1;
+    }
+    Ok(counts)
+}
+
+/// Every one of `expected` backends got at least half its even share of
+/// `n` sequential requests (and nothing else answered).
+pub fn assert_every_share(
+    counts: &std::collections::BTreeMap<String, usize>,
+    expected: &std::collections::BTreeSet<String>,
+    n: usize,
+) {
+    let floor = n / expected.len() / 2;
+    let answered: std::collections::BTreeSet<String> = counts.keys().cloned().collect();
+    assert_eq!(
+        &answered, expected,
+        "the instances that answered {n} sequential requests: {counts:?}"
+    );
+    assert!(
+        counts.values().all(|c| *c >= floor),
+        "each instance should get about {} of {n} sequential requests (at least {floor}): {counts:?}",
+        n / expected.len()
+    );
+}
