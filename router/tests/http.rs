@@ -296,9 +296,11 @@ async fn tls_passthrough_reaches_the_instance_undecrypted() -> anyhow::Result<()
         Limits::default(),
     )?;
     let https = router.addresses().https.context("https")?;
+    // timeout(1) finds openssl on the PATH; this names its package if not.
+    keel_testing::tool("openssl");
     let output = tokio::task::spawn_blocking(move || {
         use std::io::Write;
-        let mut child = std::process::Command::new("timeout")
+        let mut child = std::process::Command::new(keel_testing::tool("timeout"))
             .args([
                 "10",
                 "openssl",

@@ -66,10 +66,29 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// The Debian package of each tool the tests run (scripts/setup.sh installs
+/// them all).
+const TOOL_PACKAGES: &[(&str, &str)] = &[
+    ("chromedriver", "chromium-driver"),
+    ("curl", "curl"),
+    ("docker", "docker.io"),
+    ("etcd", "etcd-server"),
+    ("haproxy", "haproxy"),
+    ("kill", "procps"),
+    ("nginx", "nginx"),
+    ("openssl", "openssl"),
+    ("timeout", "coreutils"),
+    ("wrk", "wrk"),
+];
+
 /// A tool a test runs, found on the `PATH`. When it is missing, the test
 /// stops with one line that names the Debian package to install, rather
-/// than an "No such file or directory" from the first spawn.
-pub fn tool(name: &str, package: &str) -> PathBuf {
+/// than a "No such file or directory" from the first spawn.
+pub fn tool(name: &str) -> PathBuf {
+    let package = TOOL_PACKAGES
+        .iter()
+        .find(|(tool, _)| *tool == name)
+        .map_or("(unknown: add it to keel_testing's TOOL_PACKAGES)", |(_, package)| *package);
     find_on_path(name).unwrap_or_else(|| {
         panic!(
             "`{name}` is not installed: install the Debian package {package} \
@@ -87,7 +106,7 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
 
 /// The etcd binary to run.
 fn etcd_binary() -> PathBuf {
-    std::env::var_os("KEEL_ETCD_BIN").map_or_else(|| tool("etcd", "etcd-server"), PathBuf::from)
+    std::env::var_os("KEEL_ETCD_BIN").map_or_else(|| tool("etcd"), PathBuf::from)
 }
 
 /// A token unique to this process and call, so members of different test

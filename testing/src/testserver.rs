@@ -92,7 +92,7 @@ fn build_binary() -> anyhow::Result<PathBuf> {
 
 /// The binary hash the current image was built from, if there is one.
 fn image_hash() -> anyhow::Result<Option<String>> {
-    let output = Command::new(crate::tool("docker", "docker.io"))
+    let output = Command::new(crate::tool("docker"))
         .args(["image", "inspect", "--format"])
         .arg(format!("{{{{index .Config.Labels \"{HASH_LABEL}\"}}}}"))
         .arg(IMAGE)
@@ -113,7 +113,7 @@ fn build_image(binary: &Path, hash: &str) -> anyhow::Result<()> {
         context.path().join("Dockerfile"),
         "FROM scratch\nCOPY keel-testserver /keel-testserver\nENV PORT=8080\nEXPOSE 8080\nENTRYPOINT [\"/keel-testserver\"]\n",
     )?;
-    let output = Command::new(crate::tool("docker", "docker.io"))
+    let output = Command::new(crate::tool("docker"))
         .args(["build", "--quiet", "--label"])
         .arg(format!("{HASH_LABEL}={hash}"))
         .args(["--tag", IMAGE])

@@ -224,7 +224,7 @@ pub async fn run(program: &str, args: &[String]) -> anyhow::Result<Output> {
     let program = program.to_owned();
     let args = args.to_vec();
     let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(&program)
+        std::process::Command::new(keel_testing::tool(&program))
             .args(&args)
             .output()
             .with_context(|| format!("cannot run {program}"))
