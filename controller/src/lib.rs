@@ -95,6 +95,7 @@ impl Server {
             auth::Auth::load_or_create(&store, &admin_token_file, &join_token_file).await?;
         let state = api::ApiState {
             apps: apps::Apps::new(store.clone()),
+            store: store.clone(),
             nodes: Arc::new(nodes::Nodes::new(store.clone(), config.node_lost_after)),
             agents: agents::Agents::new(store.clone()),
             routes: routes::Routes::new(store.clone()),
