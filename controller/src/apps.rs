@@ -504,7 +504,7 @@ impl Apps {
         let Some(written) = self.commit(compares, ops, &events).await? else {
             return Ok(None);
         };
-        self.prune_revisions(&app, written).await?;
+        self.prune_revisions_after(&app, written).await;
         Ok(Some(Applied {
             app,
             revision,
@@ -637,7 +637,7 @@ impl Apps {
                 kv.mod_revision,
             ));
             if let Some(written) = self.commit(compares, ops, &events).await? {
-                self.prune_revisions(&app, written).await?;
+                self.prune_revisions_after(&app, written).await;
                 return Ok(Applied {
                     app,
                     revision,
@@ -680,7 +680,11 @@ impl Apps {
                 "app {project}/{name} changed while it was being deleted; try again"
             )));
         }
-        self.finish_deletion(project, name).await?;
+        // Past the commit point the app is gone: what is left is cleanup
+        // that the housekeeping finishes, not the caller's failure.
+        if let Err(error) = self.finish_deletion(project, name).await {
+            tracing::warn!(app = %format!("{project}/{name}"), error = %error, "app deleted; its revisions go later");
+        }
         Ok(app)
     }
 
@@ -737,6 +741,14 @@ impl Apps {
             finished += 1;
         }
         Ok(finished)
+    }
+
+    /// [`Apps::prune_revisions`] after a write that succeeded: a failure
+    /// is logged, not the caller's, and the next write prunes again.
+    async fn prune_revisions_after(&self, app: &AppRecord, written: Revision) {
+        if let Err(error) = self.prune_revisions(app, written).await {
+            tracing::warn!(app = %format!("{}/{}", app.project, app.name), error = %error, "cannot prune old revisions");
+        }
     }
 
     /// Deletes the app's revisions older than its newest
