@@ -126,9 +126,9 @@ fn write_secret(path: &Path, kind: &str, secret: &str) -> anyhow::Result<()> {
     let context = |e: std::io::Error| {
         anyhow::anyhow!("cannot write the {kind} token to {}: {e}", path.display())
     };
-    let dir = path
-        .parent()
-        .ok_or_else(|| anyhow::anyhow!("the {kind} token file {} has no directory", path.display()))?;
+    let dir = path.parent().ok_or_else(|| {
+        anyhow::anyhow!("the {kind} token file {} has no directory", path.display())
+    })?;
     let mut temp_name = path.file_name().unwrap_or_default().to_os_string();
     temp_name.push(format!(".tmp-{}", std::process::id()));
     let temp = dir.join(temp_name);

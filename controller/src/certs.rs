@@ -276,7 +276,8 @@ fn not_after(der: &[u8]) -> Option<String> {
         .chain(digits)
         .map(|&b| char::from(b))
         .collect();
-    let part = |range: std::ops::Range<usize>| full.get(range).map(|c| c.iter().collect::<String>());
+    let part =
+        |range: std::ops::Range<usize>| full.get(range).map(|c| c.iter().collect::<String>());
     Some(format!(
         "{}-{}-{}T{}:{}:{}Z",
         part(0..4)?,
@@ -379,7 +380,11 @@ mod tests {
         const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut out = String::new();
         for chunk in der.chunks(3) {
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
             let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
             for i in 0..4 {
                 if i <= chunk.len() {
@@ -415,9 +420,8 @@ mod tests {
         };
         let problems = paths(check(&crafted));
         assert!(
-            problems[0].starts_with(
-                "cert_pem: the first certificate is not a valid X.509 certificate"
-            ),
+            problems[0]
+                .starts_with("cert_pem: the first certificate is not a valid X.509 certificate"),
             "{problems:?}"
         );
     }

@@ -80,9 +80,7 @@ pub struct Server {
 impl Server {
     pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
         if config.revision_history == 0 {
-            anyhow::bail!(
-                "the revision history must keep at least 1 revision of each app, not 0"
-            );
+            anyhow::bail!("the revision history must keep at least 1 revision of each app, not 0");
         }
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!(

@@ -61,7 +61,9 @@ async fn pruning_a_thousand_excess_events_succeeds_on_etcd() {
     let messages: Vec<_> = left.iter().map(|e| e.message.clone()).collect();
     assert_eq!(
         messages,
-        (1000..1010).map(|i| format!("event {i}")).collect::<Vec<_>>(),
+        (1000..1010)
+            .map(|i| format!("event {i}"))
+            .collect::<Vec<_>>(),
         "the newest ten stay, in order"
     );
 }
@@ -120,7 +122,9 @@ async fn a_deletion_interrupted_after_its_commit_is_harmless_and_finished_later(
     // The periodic housekeeping finishes the other one.
     apps.prune_events(1000).await.unwrap();
     let left = store
-        .range(&keel_store::RangeRequest::prefix(keys::revisions("shop", "api")))
+        .range(&keel_store::RangeRequest::prefix(keys::revisions(
+            "shop", "api",
+        )))
         .await
         .unwrap();
     assert!(left.kvs.is_empty(), "{} revisions left", left.kvs.len());

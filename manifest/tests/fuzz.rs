@@ -44,9 +44,9 @@ fn parses_or_explains(text: &str) {
 fn syntax() -> impl Strategy<Value = String> {
     prop::collection::vec(
         prop::sample::select(vec![
-            ":", "-", " ", "\n", "\t", "{", "}", "[", "]", ",", "\"", "'", "#", "&", "*", "!",
-            "|", ">", "%", "@", "`", "?", "\\", "\\u", "0", "1e999", "-1", "null", "true", "~",
-            "<<", "!!str", "é", "😀", "\u{feff}", "\u{0}", "\r", "---", "...",
+            ":", "-", " ", "\n", "\t", "{", "}", "[", "]", ",", "\"", "'", "#", "&", "*", "!", "|",
+            ">", "%", "@", "`", "?", "\\", "\\u", "0", "1e999", "-1", "null", "true", "~", "<<",
+            "!!str", "é", "😀", "\u{feff}", "\u{0}", "\r", "---", "...",
         ]),
         0..8,
     )
@@ -68,8 +68,11 @@ fn edit() -> impl Strategy<Value = Edit> {
     prop_oneof![
         (any::<usize>(), 0usize..20).prop_map(|(at, len)| Edit::Delete { at, len }),
         (any::<usize>(), syntax()).prop_map(|(at, text)| Edit::Insert { at, text }),
-        (any::<usize>(), 0usize..10, syntax())
-            .prop_map(|(at, len, text)| Edit::Replace { at, len, text }),
+        (any::<usize>(), 0usize..10, syntax()).prop_map(|(at, len, text)| Edit::Replace {
+            at,
+            len,
+            text
+        }),
         any::<usize>().prop_map(|line| Edit::DuplicateLine { line }),
         (any::<usize>(), any::<usize>()).prop_map(|(a, b)| Edit::SwapLines { a, b }),
         any::<usize>().prop_map(|at| Edit::Truncate { at }),

@@ -341,9 +341,12 @@ async fn healthz() -> Response {
 )]
 async fn readyz(State(state): State<ApiState>) -> Response {
     let reason = match tokio::time::timeout(READY_TIMEOUT, state.store.status()).await {
-        Ok(Ok(status)) => status
-            .write_error
-            .map(|error| format!("the cluster store ({}) cannot write: {error}", status.location)),
+        Ok(Ok(status)) => status.write_error.map(|error| {
+            format!(
+                "the cluster store ({}) cannot write: {error}",
+                status.location
+            )
+        }),
         Ok(Err(error)) => Some(format!(
             "the cluster store does not answer: {}",
             error_chain(&error)
