@@ -48,7 +48,7 @@ struct Cli {
 enum Command {
     /// Run the controller: the REST API over the cluster store.
     #[command(
-        after_help = "Examples:\n  keel server\n  keel server --listen 0.0.0.0:7070 --data-dir /var/lib/keel\n  keel server --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379"
+        after_help = "Examples:\n  keel server\n  keel server --listen 0.0.0.0:7070 --data-dir /var/lib/keel\n  keel server --etcd http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379\n\nThe first start writes the admin token to admin.token and the join token to join.token\nin the data directory (mode 0600) and prints where they are, never the tokens."
     )]
     Server(ServerArgs),
     /// The whole cloud on this machine: controller (embedded store), agent
@@ -59,24 +59,29 @@ enum Command {
     Up(roles::UpCommand),
     /// Run a node's agent: join the cluster and run its instances in Docker.
     #[command(
-        after_help = "Examples:\n  keel agent --controller http://10.0.0.1:7070 --join-token \"$(cat join.token)\" --name node-2 --zone b\n  keel agent --config /etc/keel/agent.toml\n  keel agent --controller URL --join-token T --roles worker,router --advertise-addr 10.0.0.7"
+        after_help = "Examples:\n  keel agent --controller http://10.0.0.1:7070 --join-token-file /var/lib/keel/join.token --name node-2 --zone b\n  keel agent --config /etc/keel/agent.toml\n  KEEL_JOIN_TOKEN=... keel agent --controller URL --roles worker,router --advertise-addr 10.0.0.7"
     )]
     Agent(roles::AgentCommand),
     /// Run a router on its own: HTTP/HTTPS/TCP ingress for the cluster.
     #[command(
-        after_help = "Examples:\n  keel router --controller http://10.0.0.1:7070 --token T --node edge-1\n  keel router --routes-file table.json --http 127.0.0.1:8080 --https off"
+        after_help = "Examples:\n  keel router --controller http://10.0.0.1:7070 --token-file /etc/keel/edge-1.token --node edge-1\n  keel router --routes-file table.json --http 127.0.0.1:8080 --https off"
     )]
     Router(roles::RouterCommand),
     /// Save a cluster's URL and token as a context and make it current.
     #[command(
-        after_help = "Examples:\n  keel login http://127.0.0.1:7070 --token \"$(cat /var/lib/keel/admin.token)\"\n  keel login https://keel.example.com --token T --name prod"
+        after_help = "Examples:\n  keel login http://127.0.0.1:7070 --token-file /var/lib/keel/admin.token\n  KEEL_TOKEN=... keel login https://keel.example.com --name prod"
     )]
     Login {
         /// The controller's API URL.
         url: String,
-        /// An admin token.
-        #[arg(long, env = "KEEL_TOKEN")]
-        token: String,
+        /// A file holding the admin token (`admin.token` in the
+        /// controller's data directory). Wins over KEEL_TOKEN.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// The admin token itself. A command line is visible to other
+        /// users of the machine: prefer --token-file or KEEL_TOKEN.
+        #[arg(long, env = "KEEL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         /// The context's name (default: the URL's host and port).
         #[arg(long)]
         name: Option<String>,
@@ -325,6 +330,49 @@ struct ServerArgs {
     /// instances are replaced elsewhere.
     #[arg(long, env = "KEEL_NODE_LOST_AFTER", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     node_lost_after: u64,
+    #[command(flatten)]
+    history: RevisionHistory,
+}
+
+/// How many revisions of each app the controller keeps (`keel server` and
+/// `keel up`).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub(crate) struct RevisionHistory {
+    /// Revisions kept per app; older ones are deleted. The current
+    /// revision and the one `keel rollback` goes back to are always kept.
+    #[arg(long = "revision-history", env = "KEEL_REVISION_HISTORY", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub(crate) revisions: u64,
+}
+
+impl RevisionHistory {
+    pub(crate) fn apply(self, config: &mut ServerConfig) {
+        // At most 100 000 (checked by the parser), so it fits any usize.
+        config.revision_history = usize::try_from(self.revisions).unwrap_or(usize::MAX);
+    }
+}
+
+/// A token from a file (`flag`, which wins) or from the command line or
+/// the environment variable `env`; an error naming both when neither
+/// gives one.
+pub(crate) fn token_from(
+    file: Option<&std::path::Path>,
+    value: Option<String>,
+    flag: &str,
+    env: &str,
+) -> anyhow::Result<String> {
+    let token = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("{flag}: cannot read {}", path.display()))?,
+        None => value.with_context(|| format!("give the token with {flag} FILE or {env}"))?,
+    };
+    let token = token.trim();
+    if token.is_empty() {
+        match file {
+            Some(path) => anyhow::bail!("{flag}: {} is empty", path.display()),
+            None => anyhow::bail!("the token given in {env} is empty"),
+        }
+    }
+    Ok(token.to_owned())
 }
 
 /// `/var/lib/keel` for root (a service), `~/.local/share/keel` otherwise.
@@ -378,7 +426,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(command) => roles::up(command).await,
         Command::Agent(command) => roles::agent(command).await,
         Command::Router(command) => roles::router(command).await,
-        Command::Login { url, token, name } => client::login(&url, &token, name).await,
+        Command::Login {
+            url,
+            token_file,
+            token,
+            name,
+        } => {
+            let token = token_from(token_file.as_deref(), token, "--token-file", "KEEL_TOKEN")?;
+            client::login(&url, &token, name).await
+        }
         Command::Context { action } => match action.unwrap_or(ContextAction::Ls) {
             ContextAction::Ls => client::contexts(format),
             ContextAction::Use { name } => client::use_context(&name),
@@ -459,30 +515,33 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let mut config = ServerConfig::new(args.listen, args.data_dir.clone());
     config.store = store;
     config.node_lost_after = std::time::Duration::from_secs(args.node_lost_after);
+    args.history.apply(&mut config);
     let server = Server::start(config).await?;
     println!("Keel API: http://{}", server.addr);
-    match &server.new_admin_token {
-        Some(new) => {
-            println!("Admin token (shown once, also in {}):", new.file.display());
-            println!("  {}", new.token);
-        }
-        None => println!("Admin token: in {}", server.admin_token_file.display()),
-    }
-    match &server.new_join_token {
-        Some(new) => println!(
-            "Join token for agents (also in {}):\n  {}",
-            new.file.display(),
-            new.token
-        ),
-        None => println!("Join token: in {}", server.join_token_file.display()),
-    }
-    println!(
-        "Console: http://{}/ (sign in with the admin token)",
-        server.addr
-    );
+    print_tokens(&server);
     stop.wait().await?;
     println!("Stopping: finishing requests in flight");
     server.shutdown().await
+}
+
+/// Where the tokens are and how to use them. Never the tokens: standard
+/// output ends up in logs and terminals' scrollback.
+fn print_tokens(server: &Server) {
+    let url = format!("http://{}", server.addr);
+    let admin = server.admin_token_file.display();
+    let join = server.join_token_file.display();
+    let made = |new: bool| if new { "made now, in" } else { "in" };
+    println!(
+        "Admin token: {} {admin} (mode 0600)",
+        made(server.new_admin_token.is_some())
+    );
+    println!(
+        "Join token for agents: {} {join} (mode 0600)",
+        made(server.new_join_token.is_some())
+    );
+    println!("Log in: keel login {url} --token-file {admin}");
+    println!("Add a node: keel agent --controller {url} --join-token-file {join}");
+    println!("Console: {url}/ (sign in with the admin token from {admin})");
 }
 
 /// SIGTERM or Ctrl-C, watched from the moment it is installed.

@@ -23,8 +23,13 @@ pub struct AgentArgs {
     /// The controller's API URL.
     #[arg(long, env = "KEEL_CONTROLLER")]
     pub controller: Option<String>,
-    /// The cluster's join token (`join.token` in the controller's data dir).
-    #[arg(long, env = "KEEL_JOIN_TOKEN")]
+    /// A file holding the cluster's join token (`join.token` in the
+    /// controller's data directory). Wins over the other ways to give it.
+    #[arg(long)]
+    pub join_token_file: Option<PathBuf>,
+    /// The join token itself. A command line is visible to other users of
+    /// the machine: prefer --join-token-file or KEEL_JOIN_TOKEN.
+    #[arg(long, env = "KEEL_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
     /// The node's name, a DNS label unique in the cluster (default: the
     /// host name).
@@ -107,12 +112,15 @@ impl AgentArgs {
                 origin("controller")
             );
         }
-        let join_token = self.join_token.or(file.join_token).with_context(|| {
-            format!(
-                "{} is required: the cluster's join token",
-                origin("join-token")
-            )
-        })?;
+        let join_token = match &self.join_token_file {
+            Some(path) => crate::token_from(Some(path), None, "--join-token-file", "KEEL_JOIN_TOKEN")?,
+            None => self.join_token.or(file.join_token).with_context(|| {
+                format!(
+                    "{} is required: the cluster's join token (or --join-token-file FILE, or KEEL_JOIN_TOKEN)",
+                    origin("join-token")
+                )
+            })?,
+        };
         let name = match self.name.or(file.name) {
             Some(name) => name,
             None => host_name()?,

@@ -173,8 +173,13 @@ pub struct RouterCommand {
     /// The controller's API URL.
     #[arg(long, env = "KEEL_CONTROLLER", conflicts_with = "routes_file")]
     pub controller: Option<String>,
-    /// A router node's credential, or an admin token.
-    #[arg(long, env = "KEEL_TOKEN", requires = "controller")]
+    /// A file holding a router node's credential or an admin token. Wins
+    /// over KEEL_TOKEN.
+    #[arg(long, requires = "controller")]
+    pub token_file: Option<PathBuf>,
+    /// The credential itself. A command line is visible to other users of
+    /// the machine: prefer --token-file or KEEL_TOKEN.
+    #[arg(long, env = "KEEL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// The node this router serves as (it must have the `router` role).
     #[arg(long, requires = "controller")]
@@ -192,16 +197,20 @@ pub async fn router(command: RouterCommand) -> anyhow::Result<()> {
     let source = match (command.routes_file, command.controller) {
         (Some(file), _) => TableSource::file(file),
         (None, Some(controller)) => {
-            let token = command
-                .token
-                .context("--token is required with --controller")?;
+            let token = crate::token_from(
+                command.token_file.as_deref(),
+                command.token,
+                "--token-file",
+                "KEEL_TOKEN",
+            )
+            .context("--controller needs a token")?;
             let node = command
                 .node
                 .context("--node is required with --controller")?;
             TableSource::controller(controller.trim_end_matches('/'), token, node)
         }
         (None, None) => bail!(
-            "say where routes come from: --controller URL --token T --node N, or --routes-file FILE"
+            "say where routes come from: --controller URL --token-file FILE --node N, or --routes-file FILE"
         ),
     };
     let router = start_router(&command.router, source)?;
@@ -238,12 +247,16 @@ pub struct UpCommand {
     /// The CLI context `keel up` writes and makes current.
     #[arg(long, default_value = "local")]
     pub context_name: String,
+    #[command(flatten)]
+    pub history: crate::RevisionHistory,
 }
 
 pub async fn up(command: UpCommand) -> anyhow::Result<()> {
     let started = Instant::now();
     let stop = Stop::install()?;
-    let server = Server::start(ServerConfig::new(command.listen, command.data_dir.clone())).await?;
+    let mut config = ServerConfig::new(command.listen, command.data_dir.clone());
+    command.history.apply(&mut config);
+    let server = Server::start(config).await?;
     let url = format!("http://{}", server.addr);
     let api_ms = started.elapsed().as_millis();
     let read = |path: &std::path::Path| {

@@ -368,15 +368,15 @@ async fn a_lost_node_s_instances_run_again_on_the_other_and_requests_succeed_aga
     let first = unique("a");
     let second = unique("b");
     let (_up, url, router) = keel_up(&cli, data.path(), &first);
-    let join_token = std::fs::read_to_string(data.path().join("join.token")).expect("join token");
+    let join_token = data.path().join("join.token");
     let mut agent = Process::start(
         "agent-b",
         &[
             "agent",
             "--controller",
             &url,
-            "--join-token",
-            join_token.trim(),
+            "--join-token-file",
+            join_token.to_str().expect("utf-8"),
             "--name",
             &second,
             "--zone",
@@ -497,9 +497,15 @@ async fn the_data_plane_serves_while_the_controller_is_down_and_nothing_is_lost(
     let mut server = Process::start("server", &server_args, &cli.config_path());
     server.wait_for("Keel API", Duration::from_secs(30));
     let url = format!("http://{api}");
-    let admin = std::fs::read_to_string(data.path().join("admin.token")).expect("admin token");
-    let join = std::fs::read_to_string(data.path().join("join.token")).expect("join token");
-    cli.ok(&["login", &url, "--token", admin.trim()]).await;
+    let admin = data.path().join("admin.token");
+    let join = data.path().join("join.token");
+    cli.ok(&[
+        "login",
+        &url,
+        "--token-file",
+        admin.to_str().expect("utf-8"),
+    ])
+    .await;
     let node = unique("n");
     let mut agent = Process::start(
         "agent",
@@ -507,8 +513,8 @@ async fn the_data_plane_serves_while_the_controller_is_down_and_nothing_is_lost(
             "agent",
             "--controller",
             &url,
-            "--join-token",
-            join.trim(),
+            "--join-token-file",
+            join.to_str().expect("utf-8"),
             "--name",
             &node,
             "--roles",

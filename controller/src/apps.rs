@@ -22,9 +22,21 @@ use crate::records::{
 /// is told of the conflict.
 const CAS_ATTEMPTS: usize = 5;
 
+/// The most writes one transaction of split work (pruning, the revisions
+/// of a deleted app) carries. etcd refuses a transaction with more than
+/// `--max-txn-ops` operations in a branch, 128 by default; this leaves room
+/// for the few compares and extra writes that go with a chunk.
+pub const TXN_CHUNK: usize = 100;
+
+/// How many revisions of each app are kept by default (see
+/// [`Apps::with_revision_history`]).
+pub const DEFAULT_REVISION_HISTORY: usize = 50;
+
 #[derive(Debug, Clone)]
 pub struct Apps {
     store: Arc<dyn Store>,
+    /// How many of each app's newest revisions are kept; at least 1.
+    revision_history: usize,
 }
 
 /// What an apply did.
@@ -59,6 +71,18 @@ pub(crate) async fn list_records<T: DeserializeOwned>(
         request = page.next(&current);
     }
     Ok(out)
+}
+
+/// Every key under a prefix, in key order, page by page.
+async fn list_keys(store: &dyn Store, prefix: &str) -> Result<Vec<String>, ApiError> {
+    let mut keys = Vec::new();
+    let mut request = Some(RangeRequest::prefix(prefix).limit(1000));
+    while let Some(current) = request {
+        let page = store.range(&current).await?;
+        keys.extend(page.kvs.iter().map(|kv| kv.key.clone()));
+        request = page.next(&current);
+    }
+    Ok(keys)
 }
 
 pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, ApiError> {
@@ -150,7 +174,20 @@ fn busy(project: &str, name: &str) -> ApiError {
 
 impl Apps {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+        Self {
+            store,
+            revision_history: DEFAULT_REVISION_HISTORY,
+        }
+    }
+
+    /// Keeps each app's newest `history` revisions (0 counts as 1); older
+    /// ones are deleted after each new revision, except the current one and
+    /// the one a plain rollback goes back to, which are always kept.
+    pub fn with_revision_history(self, history: usize) -> Self {
+        Self {
+            revision_history: history.max(1),
+            ..self
+        }
     }
 
     async fn list<T: DeserializeOwned>(&self, prefix: String) -> Result<Vec<T>, ApiError> {
@@ -194,20 +231,21 @@ impl Apps {
     }
 
     /// Writes `ops` plus the events, with the events keyed after the store's
-    /// current revision so that they sort in time order.
+    /// current revision so that they sort in time order. The store revision
+    /// of the write, or `None` when a compare failed.
     async fn commit(
         &self,
         compare: Vec<Compare>,
         mut ops: Vec<Op>,
         events: &[EventRecord],
-    ) -> Result<bool, ApiError> {
+    ) -> Result<Option<Revision>, ApiError> {
         let sequence = self.store.status().await?.revision + 1;
         ops.extend(event_ops(sequence, events)?);
-        Ok(self
+        let response = self
             .store
             .txn(Txn::new().when(compare).and_then(ops))
-            .await?
-            .succeeded)
+            .await?;
+        Ok(response.succeeded.then_some(response.revision))
     }
 
     pub async fn create_project(&self, name: &str) -> Result<(ProjectRecord, bool), ApiError> {
@@ -232,7 +270,8 @@ impl Apps {
                 vec![Op::put(&key, encode(&record)?)],
                 &events,
             )
-            .await?;
+            .await?
+            .is_some();
         if !created {
             // Someone else created it between our read and our write.
             let kv = self
@@ -387,6 +426,9 @@ impl Apps {
                 (app, compare, false, restarts)
             }
             None => {
+                // Revisions an interrupted delete of an earlier app of this
+                // name left must not become this app's history.
+                self.remove_orphan_revisions(project, name).await?;
                 let app = AppRecord {
                     project: project.to_owned(),
                     name: name.to_owned(),
@@ -455,9 +497,14 @@ impl Apps {
             keys::revision(project, name, number),
             encode(&revision)?,
         ));
-        if !self.commit(compares, ops, &events).await? {
-            return Ok(None);
+        if created {
+            // The deletion this name had, if any, is over.
+            ops.push(Op::delete(keys::app_deletion(project, name)));
         }
+        let Some(written) = self.commit(compares, ops, &events).await? else {
+            return Ok(None);
+        };
+        self.prune_revisions_after(&app, written).await;
         Ok(Some(Applied {
             app,
             revision,
@@ -540,7 +587,15 @@ impl Apps {
                     "app {project}/{name} already runs revision {target}"
                 )));
             }
-            let old = self.revision(project, name, target).await?;
+            let old = match self.revision(project, name, target).await {
+                Err(ApiError::NotFound(_)) => {
+                    return Err(ApiError::NotFound(format!(
+                        "revision {target} of app {project}/{name} (pruned: the controller keeps the newest {} revisions of each app)",
+                        self.revision_history
+                    )));
+                }
+                other => other?,
+            };
             let current = self.revision(project, name, app.revision).await?;
             let (mut compares, mut ops) = self
                 .claim_routes(project, name, Some(&current.manifest), Some(&old.manifest))
@@ -581,7 +636,8 @@ impl Apps {
                 CompareOp::Equal,
                 kv.mod_revision,
             ));
-            if self.commit(compares, ops, &events).await? {
+            if let Some(written) = self.commit(compares, ops, &events).await? {
+                self.prune_revisions_after(&app, written).await;
                 return Ok(Applied {
                     app,
                     revision,
@@ -594,6 +650,15 @@ impl Apps {
     }
 
     /// Deletes an app and its revisions.
+    ///
+    /// The app record's removal is the commit point: one transaction
+    /// removes it and its route claims, writes the event, and marks the
+    /// deletion under `keys::app_deletion`. The revisions, as many as the
+    /// history keeps, go after it in chunks of [`TXN_CHUNK`] (etcd limits a
+    /// transaction's size), and then the mark. A crash between chunks
+    /// leaves revisions no read reaches (every read starts at the app
+    /// record); [`Apps::finish_deletions`] and the next create of the name
+    /// remove them.
     pub async fn delete(&self, project: &str, name: &str) -> Result<AppRecord, ApiError> {
         let (app, kv) = self.app_kv(project, name).await?;
         let current = self.revision(project, name, app.revision).await.ok();
@@ -601,7 +666,7 @@ impl Apps {
             .claim_routes(project, name, current.as_ref().map(|r| &r.manifest), None)
             .await?;
         ops.push(Op::delete(keys::app(project, name)));
-        ops.extend((1..=app.latest_revision).map(|n| Op::delete(keys::revision(project, name, n))));
+        ops.push(Op::put(keys::app_deletion(project, name), Vec::new()));
         let events = [event(
             project,
             Some(name),
@@ -610,25 +675,143 @@ impl Apps {
         )];
         let compare =
             Compare::mod_revision(keys::app(project, name), CompareOp::Equal, kv.mod_revision);
-        if !self.commit(vec![compare], ops, &events).await? {
+        if self.commit(vec![compare], ops, &events).await?.is_none() {
             return Err(ApiError::Conflict(format!(
                 "app {project}/{name} changed while it was being deleted; try again"
             )));
         }
+        // Past the commit point the app is gone: what is left is cleanup
+        // that the housekeeping finishes, not the caller's failure.
+        if let Err(error) = self.finish_deletion(project, name).await {
+            tracing::warn!(app = %format!("{project}/{name}"), error = %error, "app deleted; its revisions go later");
+        }
         Ok(app)
     }
 
-    /// Deletes all but the newest `keep` events; returns how many went.
-    pub async fn prune_events(&self, keep: usize) -> Result<usize, ApiError> {
-        let mut keys = Vec::new();
-        let mut request = Some(RangeRequest::prefix(keys::events()).limit(1000));
-        while let Some(current) = request {
-            let page = self.store.range(&current).await?;
-            keys.extend(page.kvs.iter().map(|kv| kv.key.clone()));
-            request = page.next(&current);
+    /// Removes the revisions of an app that no longer exists, chunk by
+    /// chunk, each chunk only while the app is still absent (so a new app
+    /// of the same name keeps its own); returns how many went.
+    async fn remove_orphan_revisions(&self, project: &str, name: &str) -> Result<usize, ApiError> {
+        let app_key = keys::app(project, name);
+        let prefix = keys::revisions(project, name);
+        let mut removed = 0;
+        loop {
+            let page = self
+                .store
+                .range(&RangeRequest::prefix(&prefix).limit(TXN_CHUNK))
+                .await?;
+            if page.kvs.is_empty() {
+                return Ok(removed);
+            }
+            let txn = Txn::new()
+                .when([Compare::missing(&app_key)])
+                .and_then(page.kvs.iter().map(|kv| Op::delete(&kv.key)));
+            if !self.store.txn(txn).await?.succeeded {
+                // The name was taken again: what is left is the new app's.
+                return Ok(removed);
+            }
+            removed += page.kvs.len();
         }
+    }
+
+    /// The part of a deletion after its commit point: the revisions, then
+    /// the mark that says the deletion is unfinished.
+    async fn finish_deletion(&self, project: &str, name: &str) -> Result<(), ApiError> {
+        self.remove_orphan_revisions(project, name).await?;
+        self.store
+            .delete(&keys::app_deletion(project, name))
+            .await?;
+        Ok(())
+    }
+
+    /// Finishes the app deletions a crash or a store outage interrupted
+    /// (see [`Apps::delete`]); returns how many there were.
+    pub async fn finish_deletions(&self) -> Result<usize, ApiError> {
+        let marks = list_keys(self.store.as_ref(), &keys::app_deletions()).await?;
+        let mut finished = 0;
+        for mark in &marks {
+            let Some((project, name)) = mark
+                .strip_prefix(&keys::app_deletions())
+                .and_then(|rest| rest.split_once('/'))
+            else {
+                tracing::warn!(key = %mark, "an app deletion mark that names no app; left alone");
+                continue;
+            };
+            self.finish_deletion(project, name).await?;
+            finished += 1;
+        }
+        Ok(finished)
+    }
+
+    /// [`Apps::prune_revisions`] after a write that succeeded: a failure
+    /// is logged, not the caller's, and the next write prunes again.
+    async fn prune_revisions_after(&self, app: &AppRecord, written: Revision) {
+        if let Err(error) = self.prune_revisions(app, written).await {
+            tracing::warn!(app = %format!("{}/{}", app.project, app.name), error = %error, "cannot prune old revisions");
+        }
+    }
+
+    /// Deletes the app's revisions older than its newest
+    /// `revision_history`, keeping the current one and the one before it
+    /// (what a plain rollback goes back to) whatever the history. Chunks of
+    /// [`TXN_CHUNK`], each only while the app record is still the one
+    /// written at `written`: a newer write prunes by its own numbers, and
+    /// a deleted and re-created app keeps its own revisions.
+    async fn prune_revisions(&self, app: &AppRecord, written: Revision) -> Result<usize, ApiError> {
+        let (project, name) = (app.project.as_str(), app.name.as_str());
+        let cutoff = app
+            .latest_revision
+            .saturating_sub(self.revision_history as u64)
+            .min(app.revision.saturating_sub(2));
+        if cutoff == 0 {
+            return Ok(0);
+        }
+        let app_key = keys::app(project, name);
+        let prefix = keys::revisions(project, name);
+        let number = |key: &str| key.rsplit('/').next().and_then(|n| n.parse::<u64>().ok());
+        // Usually exactly one revision is due: look at the oldest first, so
+        // that a write reads one record, not a page of manifests.
+        let mut limit = 1;
+        let mut pruned = 0;
+        loop {
+            let page = self
+                .store
+                .range(&RangeRequest::prefix(&prefix).limit(limit))
+                .await?;
+            let due: Vec<&str> = page
+                .kvs
+                .iter()
+                .map(|kv| kv.key.as_str())
+                .take_while(|key| number(key).is_some_and(|n| n <= cutoff))
+                .collect();
+            if due.is_empty() {
+                return Ok(pruned);
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(&app_key, CompareOp::Equal, written)])
+                .and_then(due.iter().map(|key| Op::delete(*key)));
+            if !self.store.txn(txn).await?.succeeded {
+                return Ok(pruned);
+            }
+            pruned += due.len();
+            limit = TXN_CHUNK;
+        }
+    }
+
+    /// Deletes all but the newest `keep` events; returns how many went.
+    /// Events are independent records, so the deletes are split into
+    /// transactions of [`TXN_CHUNK`]: an interrupted prune leaves only
+    /// events that the next one removes.
+    ///
+    /// The reconciler runs this every minute, so it also finishes the app
+    /// deletions that were interrupted (see [`Apps::finish_deletions`]).
+    pub async fn prune_events(&self, keep: usize) -> Result<usize, ApiError> {
+        if let Err(error) = self.finish_deletions().await {
+            tracing::warn!(error = %error, "cannot finish interrupted app deletions");
+        }
+        let keys = list_keys(self.store.as_ref(), &keys::events()).await?;
         let excess = keys.len().saturating_sub(keep);
-        for chunk in keys[..excess].chunks(500) {
+        for chunk in keys[..excess].chunks(TXN_CHUNK) {
             self.store
                 .txn(Txn::new().and_then(chunk.iter().map(Op::delete)))
                 .await?;

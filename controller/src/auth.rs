@@ -1,7 +1,12 @@
-//! Bearer tokens. The admin and join tokens are made at the first start,
-//! printed once and written to files only their owner can read; the store
-//! keeps their SHA-256, never the tokens. Nodes get a credential of their
-//! own when they register.
+//! Bearer tokens. The admin and join tokens are made at the first start
+//! and written to files only their owner can read (never printed); the
+//! store keeps their SHA-256, never the tokens. Nodes get a credential of
+//! their own when they register.
+//!
+//! The file is written (temp file, fsync, rename) before the hash is
+//! stored: a start that fails between the two leaves a token nobody
+//! accepts yet, and the next start makes a new one. The other order would
+//! leave a hash whose token is lost, locking the admin out for good.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,7 +43,8 @@ pub fn new_token(kind: &str) -> anyhow::Result<String> {
 }
 
 /// Loads the hash of the token under `key`, making the token first (and
-/// writing it to `file`, mode 0600) if there is none.
+/// writing it to `file`, mode 0600, before its hash is stored) if there is
+/// none.
 async fn load_or_create(
     store: &Arc<dyn Store>,
     key: &str,
@@ -55,11 +61,11 @@ async fn load_or_create(
             sha256: sha256_hex(&token),
         };
         let value = encode(&record).map_err(|e| anyhow::anyhow!("{e}"))?;
+        write_secret(file, kind, &token)?;
         let txn = Txn::new()
             .when([Compare::missing(key)])
             .and_then([Op::put(key, value)]);
         if store.txn(txn).await?.succeeded {
-            write_secret(file, &token)?;
             return Ok((
                 record.sha256,
                 Some(NewToken {
@@ -68,7 +74,11 @@ async fn load_or_create(
                 }),
             ));
         }
-        // Another controller made it first; read theirs.
+        // Another controller made it first: the file holds a token
+        // nobody accepts, so it goes; theirs is in their data directory.
+        if let Err(error) = std::fs::remove_file(file) {
+            tracing::warn!(file = %file.display(), error = %error, "cannot remove a token that lost the race to another controller");
+        }
     }
     anyhow::bail!("cannot create the {kind} token: the store keeps changing under {key}")
 }
@@ -106,16 +116,41 @@ impl Auth {
     }
 }
 
-fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
+/// Writes a secret to `path`, mode 0600, all or nothing: a temp file in
+/// the same directory, synced, then renamed over `path`, then the
+/// directory synced, so that a crash leaves either no file or the whole
+/// one.
+fn write_secret(path: &Path, kind: &str, secret: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| anyhow::anyhow!("cannot write the admin token to {}: {e}", path.display()))?;
-    writeln!(file, "{secret}")?;
-    Ok(())
+    let context = |e: std::io::Error| {
+        anyhow::anyhow!("cannot write the {kind} token to {}: {e}", path.display())
+    };
+    let dir = path.parent().ok_or_else(|| {
+        anyhow::anyhow!("the {kind} token file {} has no directory", path.display())
+    })?;
+    let mut temp_name = path.file_name().unwrap_or_default().to_os_string();
+    temp_name.push(format!(".tmp-{}", std::process::id()));
+    let temp = dir.join(temp_name);
+    let written = (|| {
+        // A stale temp file of an earlier process with this id may have
+        // another mode: start from none.
+        match std::fs::remove_file(&temp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)?;
+        writeln!(file, "{secret}")?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written.map_err(context)
 }

@@ -174,6 +174,17 @@ fn check(new: &NewCert) -> Result<(String, String), Vec<FieldProblem>> {
                 format!("the first certificate is not a valid X.509 certificate: {e}"),
             )),
             Ok(parsed) => {
+                // Read only from a certificate webpki accepted; an
+                // unreadable validity is still a problem, never a panic.
+                match not_after(leaf) {
+                    Some(not_after) => {
+                        leaf_facts = Some((not_after, hex::encode(Sha256::digest(leaf))));
+                    }
+                    None => problems.push(FieldProblem::new(
+                        "cert_pem",
+                        "the first certificate's validity cannot be read",
+                    )),
+                }
                 // A wildcard upload must be a wildcard certificate: a name
                 // only `*.` can cover stands for every name under it.
                 let probe = match new.host.strip_prefix("*.") {
@@ -189,13 +200,6 @@ fn check(new: &NewCert) -> Result<(String, String), Vec<FieldProblem>> {
                     ));
                 }
             }
-        }
-        match not_after(leaf) {
-            Some(not_after) => leaf_facts = Some((not_after, hex::encode(Sha256::digest(leaf)))),
-            None => problems.push(FieldProblem::new(
-                "cert_pem",
-                "the first certificate's validity cannot be read",
-            )),
         }
     }
     if let (Some(chain), Some(key)) = (chain, key) {
@@ -253,28 +257,35 @@ fn not_after(der: &[u8]) -> Option<String> {
     let (_, validity, _) = tlv(rest)?;
     let (_, _, validity) = tlv(validity)?; // notBefore
     let (tag, time, _) = tlv(validity)?;
-    let time = std::str::from_utf8(time).ok()?;
-    let full = match tag {
-        // UTCTime: YYMMDDHHMMSSZ, 1950..2049.
-        0x17 if time.len() == 13 => {
-            let yy: u32 = time[..2].parse().ok()?;
-            format!("{}{time}", if yy < 50 { "20" } else { "19" })
-        }
-        0x18 if time.len() == 15 => time.to_owned(),
-        _ => return None,
-    };
-    let digits = full.strip_suffix('Z')?;
-    if digits.len() != 14 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    // Bytes, never string slices: the certificate is untrusted, and a byte
+    // index inside a multi-byte character panics.
+    let digits = time.strip_suffix(b"Z")?;
+    if !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
+    let century: &[u8] = match (tag, digits.len()) {
+        // UTCTime: YYMMDDHHMMSSZ, 1950..2049.
+        (0x17, 12) if digits[0] < b'5' => b"20",
+        (0x17, 12) => b"19",
+        // GeneralizedTime: YYYYMMDDHHMMSSZ.
+        (0x18, 14) => b"",
+        _ => return None,
+    };
+    let full: Vec<char> = century
+        .iter()
+        .chain(digits)
+        .map(|&b| char::from(b))
+        .collect();
+    let part =
+        |range: std::ops::Range<usize>| full.get(range).map(|c| c.iter().collect::<String>());
     Some(format!(
         "{}-{}-{}T{}:{}:{}Z",
-        &digits[..4],
-        &digits[4..6],
-        &digits[6..8],
-        &digits[8..10],
-        &digits[10..12],
-        &digits[12..14]
+        part(0..4)?,
+        part(4..6)?,
+        part(6..8)?,
+        part(8..10)?,
+        part(10..12)?,
+        part(12..14)?
     ))
 }
 
@@ -356,5 +367,234 @@ mod tests {
             paths(check(&upload("*.example.com", &exact))),
             ["host: *.example.com is not among the certificate's names"]
         );
+    }
+
+    /// A DER element with a short-form length.
+    fn der(tag: u8, content: &[u8]) -> Vec<u8> {
+        let len = u8::try_from(content.len()).expect("short content");
+        assert!(len < 0x80);
+        [&[tag, len][..], content].concat()
+    }
+
+    fn pem(der: &[u8]) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in der.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        format!("-----BEGIN CERTIFICATE-----\n{out}\n-----END CERTIFICATE-----\n")
+    }
+
+    /// A certificate-shaped DER whose validity times are 13 bytes of UTF-8
+    /// with a two-byte character across byte 2.
+    fn crafted() -> Vec<u8> {
+        let time = der(0x17, "1\u{e9}345678901Z".as_bytes());
+        let validity = der(0x30, &[time.clone(), time].concat());
+        let tbs = der(
+            0x30,
+            &[der(0x02, &[1]), der(0x30, &[]), der(0x30, &[]), validity].concat(),
+        );
+        der(0x30, &tbs)
+    }
+
+    #[test]
+    fn a_validity_that_is_not_ascii_digits_is_unreadable_not_a_panic() {
+        assert_eq!(not_after(&crafted()), None);
+        let cert = made(&["shop.example.com"]);
+        let crafted = NewCert {
+            host: "shop.example.com".into(),
+            cert_pem: pem(&crafted()),
+            key_pem: cert.signing_key.serialize_pem(),
+        };
+        let problems = paths(check(&crafted));
+        assert!(
+            problems[0]
+                .starts_with("cert_pem: the first certificate is not a valid X.509 certificate"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn utc_and_generalized_times_both_read() {
+        let cert = |time: Vec<u8>| {
+            let validity = der(0x30, &[time.clone(), time].concat());
+            der(
+                0x30,
+                &der(
+                    0x30,
+                    &[der(0x02, &[1]), der(0x30, &[]), der(0x30, &[]), validity].concat(),
+                ),
+            )
+        };
+        assert_eq!(
+            not_after(&cert(der(0x17, b"491231235959Z"))).as_deref(),
+            Some("2049-12-31T23:59:59Z")
+        );
+        assert_eq!(
+            not_after(&cert(der(0x17, b"500101000000Z"))).as_deref(),
+            Some("1950-01-01T00:00:00Z")
+        );
+        assert_eq!(
+            not_after(&cert(der(0x18, b"20300615120000Z"))).as_deref(),
+            Some("2030-06-15T12:00:00Z")
+        );
+        assert_eq!(not_after(&cert(der(0x18, b"2030061512000Z"))), None);
+    }
+
+    /// Bounded fuzzing of the upload checker: arbitrary input and
+    /// mutations of a valid certificate give problems or facts, never a
+    /// panic. A few seconds in all.
+    mod fuzz {
+        use std::sync::OnceLock;
+
+        use proptest::prelude::*;
+        use proptest::test_runner::Config;
+
+        use super::*;
+
+        fn config(cases: u32) -> Config {
+            Config {
+                cases,
+                failure_persistence: None,
+                ..Config::default()
+            }
+        }
+
+        /// A valid certificate (DER) and its key (PEM), made once.
+        fn valid() -> &'static (Vec<u8>, String) {
+            static VALID: OnceLock<(Vec<u8>, String)> = OnceLock::new();
+            VALID.get_or_init(|| {
+                let cert = made(&["shop.example.com"]);
+                (cert.cert.der().to_vec(), cert.signing_key.serialize_pem())
+            })
+        }
+
+        /// Gives problems or facts; facts only with no problem.
+        fn checks(new: &NewCert) {
+            match check(new) {
+                Ok((not_after, fingerprint)) => {
+                    assert_eq!(not_after.len(), "2000-01-01T00:00:00Z".len());
+                    assert_eq!(fingerprint.len(), 64);
+                }
+                Err(problems) => assert!(!problems.is_empty()),
+            }
+        }
+
+        /// One edit of a DER certificate.
+        #[derive(Debug, Clone)]
+        enum Edit {
+            Set { at: usize, byte: u8 },
+            Flip { at: usize, bit: u8 },
+            Insert { at: usize, bytes: Vec<u8> },
+            Delete { at: usize, len: usize },
+            Truncate { at: usize },
+        }
+
+        fn edit() -> impl Strategy<Value = Edit> {
+            prop_oneof![
+                (any::<usize>(), any::<u8>()).prop_map(|(at, byte)| Edit::Set { at, byte }),
+                (any::<usize>(), 0u8..8).prop_map(|(at, bit)| Edit::Flip { at, bit }),
+                (any::<usize>(), prop::collection::vec(any::<u8>(), 1..16))
+                    .prop_map(|(at, bytes)| Edit::Insert { at, bytes }),
+                (any::<usize>(), 1usize..16).prop_map(|(at, len)| Edit::Delete { at, len }),
+                any::<usize>().prop_map(|at| Edit::Truncate { at }),
+            ]
+        }
+
+        fn apply(der: &mut Vec<u8>, edit: &Edit) {
+            let n = der.len();
+            match edit {
+                Edit::Set { at, byte } if n > 0 => der[at % n] = *byte,
+                Edit::Flip { at, bit } if n > 0 => der[at % n] ^= 1 << bit,
+                Edit::Insert { at, bytes } => {
+                    let at = at % (n + 1);
+                    der.splice(at..at, bytes.iter().copied());
+                }
+                Edit::Delete { at, len } if n > 0 => {
+                    let at = at % n;
+                    der.drain(at..(at + len).min(n));
+                }
+                Edit::Truncate { at } => der.truncate(at % (n + 1)),
+                _ => {}
+            }
+        }
+
+        proptest! {
+            #![proptest_config(config(2000))]
+
+            #[test]
+            fn arbitrary_text_never_panics(
+                host in ".{0,40}",
+                cert in prop::collection::vec(any::<u8>(), 0..300),
+                key in prop::collection::vec(any::<u8>(), 0..300),
+            ) {
+                checks(&NewCert {
+                    host,
+                    cert_pem: String::from_utf8_lossy(&cert).into_owned(),
+                    key_pem: String::from_utf8_lossy(&key).into_owned(),
+                });
+            }
+
+            #[test]
+            fn arbitrary_der_never_panics(der in prop::collection::vec(any::<u8>(), 0..400)) {
+                let _ = not_after(&der);
+                checks(&NewCert {
+                    host: "shop.example.com".into(),
+                    cert_pem: pem(&der),
+                    key_pem: valid().1.clone(),
+                });
+            }
+        }
+
+        proptest! {
+            #![proptest_config(config(1000))]
+
+            #[test]
+            fn mutated_certificates_never_panic(edits in prop::collection::vec(edit(), 1..4)) {
+                let (der, key) = valid();
+                let mut der = der.clone();
+                for edit in &edits {
+                    apply(&mut der, edit);
+                }
+                let _ = not_after(&der);
+                checks(&NewCert {
+                    host: "shop.example.com".into(),
+                    cert_pem: pem(&der),
+                    key_pem: key.clone(),
+                });
+            }
+
+            #[test]
+            fn any_validity_time_never_panics(
+                tag in prop::sample::select(vec![0x17u8, 0x18, 0x0c, 0x04]),
+                time in prop::collection::vec(any::<u8>(), 0..20),
+                text in ".{0,8}",
+            ) {
+                for time in [time, text.into_bytes()] {
+                    if time.len() >= 0x80 {
+                        continue;
+                    }
+                    let time = der(tag, &time);
+                    let validity = der(0x30, &[time.clone(), time].concat());
+                    let tbs = der(
+                        0x30,
+                        &[der(0x02, &[1]), der(0x30, &[]), der(0x30, &[]), validity].concat(),
+                    );
+                    let _ = not_after(&der(0x30, &tbs));
+                }
+            }
+        }
     }
 }

@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub store: Option<StoreConfig>,
     /// A node whose heartbeats stop for this long is lost (whole seconds).
     pub node_lost_after: Duration,
+    /// How many revisions of each app are kept (at least 1; the current
+    /// one and the one a plain rollback goes back to are always kept).
+    pub revision_history: usize,
 }
 
 impl ServerConfig {
@@ -53,6 +56,7 @@ impl ServerConfig {
             data_dir: data_dir.into(),
             store: None,
             node_lost_after: Duration::from_secs(5),
+            revision_history: apps::DEFAULT_REVISION_HISTORY,
         }
     }
 }
@@ -75,6 +79,9 @@ pub struct Server {
 
 impl Server {
     pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
+        if config.revision_history == 0 {
+            anyhow::bail!("the revision history must keep at least 1 revision of each app, not 0");
+        }
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!(
                 "cannot create the data directory {}",
@@ -94,7 +101,8 @@ impl Server {
         let (auth, new_admin_token, new_join_token) =
             auth::Auth::load_or_create(&store, &admin_token_file, &join_token_file).await?;
         let state = api::ApiState {
-            apps: apps::Apps::new(store.clone()),
+            apps: apps::Apps::new(store.clone()).with_revision_history(config.revision_history),
+            store: store.clone(),
             nodes: Arc::new(nodes::Nodes::new(store.clone(), config.node_lost_after)),
             agents: agents::Agents::new(store.clone()),
             routes: routes::Routes::new(store.clone()),

@@ -48,6 +48,14 @@ pub mod keys {
             None => "/keel/apps/".to_owned(),
         }
     }
+    /// Present from the commit of an app's deletion until its revisions are
+    /// gone (see `Apps::delete`).
+    pub fn app_deletion(project: &str, app: &str) -> String {
+        format!("{}{project}/{app}", app_deletions())
+    }
+    pub fn app_deletions() -> String {
+        "/keel/app-deletions/".to_owned()
+    }
     /// Zero-padded so that key order is revision order.
     pub fn revision(project: &str, app: &str, revision: u64) -> String {
         format!("/keel/revisions/{project}/{app}/{revision:012}")

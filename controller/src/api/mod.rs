@@ -146,6 +146,17 @@ pub const ROUTES: &[(Method, &str, &str)] = &[
     ),
 ];
 
+/// The routes that take no token, in the form of [`ROUTES`]: a
+/// supervisor's liveness and readiness probes, which reveal nothing about
+/// the cluster.
+pub const PUBLIC_ROUTES: &[(Method, &str, &str)] = &[
+    (Method::GET, "/healthz", "/healthz"),
+    (Method::GET, "/readyz", "/readyz"),
+];
+
+/// How long `/readyz` waits for the store before it says not ready.
+pub const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Where the OpenAPI document is served, without a token (it is public and
 /// says nothing about the cluster). Not in [`ROUTES`], which are the
 /// routes that require one.
@@ -160,6 +171,8 @@ pub struct ApiState {
     pub certs: crate::certs::Certs,
     pub changes: Changes,
     pub auth: Arc<Auth>,
+    /// The cluster store itself, for `/readyz`.
+    pub store: Arc<dyn keel_store::Store>,
     /// Becomes true when the controller stops: open streams end then.
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }
@@ -203,7 +216,15 @@ fn agent_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(watch_routes))
 }
 
+/// The routes that take no token (see [`PUBLIC_ROUTES`]).
+fn public_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+}
+
 pub fn router(state: ApiState) -> axum::Router {
+    let (public, _) = public_routes().split_for_parts();
     let (admin, _) = admin_routes()
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
         .split_for_parts();
@@ -215,6 +236,7 @@ pub fn router(state: ApiState) -> axum::Router {
     });
     admin
         .merge(agents)
+        .merge(public)
         .merge(crate::console::router())
         .route(OPENAPI_PATH, serve_document)
         .fallback(|| async { ApiError::NotFound("route".into()) })
@@ -270,6 +292,102 @@ fn json_body<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> Result<T, ApiError>
 fn text(bytes: &Bytes) -> Result<&str, ApiError> {
     std::str::from_utf8(bytes)
         .map_err(|e| ApiError::Invalid(vec![FieldProblem::new("body", format!("not UTF-8: {e}"))]))
+}
+
+/// What `/healthz` and `/readyz` answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok` or `not_ready`.
+    pub status: &'static str,
+    /// Why the controller is not ready (503 only; absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub reason: Option<String>,
+}
+
+/// Says the process serves
+///
+/// A liveness probe: 200 whenever the controller answers HTTP at all; it
+/// looks at nothing else. Takes no token.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses(
+        (status = 200, description = "The controller serves requests.", body = Health),
+    ),
+)]
+async fn healthz() -> Response {
+    Json(Health {
+        status: "ok",
+        reason: None,
+    })
+    .into_response()
+}
+
+/// Says whether the controller can do its work
+///
+/// A readiness probe: 200 when the cluster store answers and can accept
+/// writes, 503 with a short `reason` when it does not answer within 2
+/// seconds, fails, or says it cannot write. Writes nothing. Takes no token.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "The cluster store answers and can write.", body = Health),
+        (status = 503, description = "The cluster store does not answer or cannot write; `reason` says which.", body = Health),
+    ),
+)]
+async fn readyz(State(state): State<ApiState>) -> Response {
+    let reason = match tokio::time::timeout(READY_TIMEOUT, state.store.status()).await {
+        Ok(Ok(status)) => status.write_error.map(|error| {
+            format!(
+                "the cluster store ({}) cannot write: {error}",
+                status.location
+            )
+        }),
+        Ok(Err(error)) => Some(format!(
+            "the cluster store does not answer: {}",
+            error_chain(&error)
+        )),
+        Err(_) => Some(format!(
+            "the cluster store did not answer within {} s",
+            READY_TIMEOUT.as_secs()
+        )),
+    };
+    match reason {
+        None => Json(Health {
+            status: "ok",
+            reason: None,
+        })
+        .into_response(),
+        Some(reason) => {
+            tracing::warn!(%reason, "not ready");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(Health {
+                    status: "not_ready",
+                    reason: Some(reason),
+                }),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// An error and its sources, as one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let words = cause.to_string();
+        if !text.contains(&words) {
+            text = format!("{text}: {words}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Path parameters naming a project.

@@ -2,9 +2,10 @@
 //!
 //! The paths come from the `#[utoipa::path]` annotation on each handler,
 //! which is also where the router takes the handler's route from
-//! (`routes!` in `api::admin_routes` and `api::agent_routes`), so the two
-//! cannot differ. (The one route added without `routes!` is
-//! `/v1/openapi.json` itself, which is not in the document.) The schemas come from `#[derive(ToSchema)]` on the types the
+//! (`routes!` in `api::admin_routes`, `api::agent_routes` and
+//! `api::public_routes`, the probes that take no token), so the two cannot
+//! differ. (The one route added without `routes!` is `/v1/openapi.json`
+//! itself, which is not in the document.) The schemas come from `#[derive(ToSchema)]` on the types the
 //! handlers send and receive. What is left is here: the document's info,
 //! the security schemes, and the error responses every route shares.
 //!
@@ -25,8 +26,9 @@ const DESCRIPTION: &str = "\
 The controller's REST API: projects, apps and their revisions, events, and \
 nodes.
 
-Every route takes a bearer token (`Authorization: Bearer <token>`); which \
-one is in each operation's `security`. Users use the admin token. Agents \
+Every route but `/healthz` and `/readyz` (probes for a supervisor, which \
+reveal nothing else) takes a bearer token (`Authorization: Bearer \
+<token>`); which one is in each operation's `security`. Users use the admin token. Agents \
 register a node with the join token and then heartbeat with the node \
 credential that registration returns.
 
@@ -48,7 +50,7 @@ This document is served without a token at `GET /v1/openapi.json`.";
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     components(
-        schemas(ErrorBody, super::RollbackRequest),
+        schemas(ErrorBody, super::RollbackRequest, super::Health),
         responses(Unauthorized, TooLarge, Unavailable, Internal),
     ),
     modifiers(&SecuritySchemes),
@@ -59,6 +61,7 @@ This document is served without a token at `GET /v1/openapi.json`.";
         (name = "nodes", description = "Nodes: registration and heartbeats (by agents), listing and draining (by operators)."),
         (name = "routes", description = "The route table routers serve."),
         (name = "certs", description = "TLS certificates for terminated routes."),
+        (name = "health", description = "Liveness and readiness probes for a supervisor; no token."),
     ),
 )]
 struct ApiDoc;
@@ -74,9 +77,9 @@ impl Modify for SecuritySchemes {
             (
                 "admin_token",
                 "keel-admin-<64 hex digits>",
-                "The admin token: made at the controller's first start, printed \
-                 once and written to `admin.token` in its data directory. Every \
-                 route accepts it.",
+                "The admin token: made at the controller's first start and \
+                 written to `admin.token` in its data directory (mode 0600; never \
+                 printed). Every route that takes a token accepts it.",
             ),
             (
                 "join_token",
@@ -191,6 +194,7 @@ fn document() -> utoipa::openapi::OpenApi {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(super::admin_routes())
         .merge(super::agent_routes())
+        .merge(super::public_routes())
         .into_openapi()
 }
 
