@@ -75,10 +75,10 @@ def main():
     procs = [up]
     try:
         wait_line(up, "CLI context")
-        join = open(os.path.join(work, "data", "join.token")).read().strip()
+        join_file = os.path.join(work, "data", "join.token")
         serving, full = [], []
         for run in range(RUNS):
-            agent = start(["agent", "--controller", f"http://127.0.0.1:{api}", "--join-token", join,
+            agent = start(["agent", "--controller", f"http://127.0.0.1:{api}", "--join-token-file", join_file,
                            "--name", node_b, "--zone", "b", "--advertise-addr", "127.0.0.2",
                            "--roles", "worker"], env)
             procs.append(agent)
