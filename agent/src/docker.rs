@@ -1025,6 +1025,17 @@ impl Runtime for DockerRuntime {
         self.inner.changed.notified().await;
     }
 
+    async fn ping(&self) -> Result<(), RuntimeError> {
+        self.inner
+            .docker
+            .ping()
+            .await
+            .map(|_| ())
+            .map_err(|error| RuntimeError::Engine {
+                source: error.into(),
+            })
+    }
+
     async fn logs(
         &self,
         instance: &InstanceRef,
@@ -1637,7 +1648,10 @@ mod tests {
         // A character split across two chunks stays whole.
         let euro = "\u{20ac}".as_bytes();
         assert!(splitter.push(&euro[..1]).is_empty());
-        assert_eq!(splitter.push(&[&euro[1..], b"\n"].concat()), ["thr\u{20ac}"]);
+        assert_eq!(
+            splitter.push(&[&euro[1..], b"\n"].concat()),
+            ["thr\u{20ac}"]
+        );
         assert_eq!(splitter.push(b"last"), Vec::<String>::new());
         assert_eq!(splitter.finish().as_deref(), Some("last"));
         assert_eq!(splitter.finish(), None);

@@ -163,7 +163,11 @@ async fn a_container_writing_without_newlines_is_followed_in_bounded_memory() {
     .await
     .unwrap();
     cluster
-        .add_node_with(NodeSpec::new(node.as_str(), "a"), "127.0.0.1", Arc::new(runtime))
+        .add_node_with(
+            NodeSpec::new(node.as_str(), "a"),
+            "127.0.0.1",
+            Arc::new(runtime),
+        )
         .await
         .unwrap();
     // No health check: its requests would print lines into the long one.
