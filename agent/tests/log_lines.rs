@@ -21,9 +21,9 @@ use keel_agent::eventually;
 use keel_agent::testing::{ClusterConfig, NodeSpec, SimCluster};
 
 /// What the app writes without a newline. Through Docker's json-file log
-/// driver, a debug build and a busy two-core machine, the log arrives at
-/// 10 to 13 MB/s, so 1 GiB would take well over a minute; 256 MiB takes
-/// 20 to 25 s. The unbounded buffer this test guards against grew by
+/// driver and a debug build on a two-core machine, the log arrives at 11
+/// to 25 MB/s (busy or idle), so 1 GiB would take 40 to 100 s; 256 MiB
+/// takes 10 to 25 s. The unbounded buffer this test guards against grew by
 /// 96 MiB on this size before the deadline (its search for a newline
 /// rescanned the whole buffer on every frame, so it also slowed to a
 /// crawl and the line never arrived).
