@@ -14,15 +14,30 @@
 //! - **reporter**: posts the report whenever it changed, and at least every
 //!   `report_interval`.
 //!
+//! [`AgentHandle::serve_health`] adds a listener for a supervisor:
+//! `GET /healthz` is 200 while those four loops run and the reconciler
+//! finishes a pass at least every three resync intervals (a supervisor
+//! that restarts the agent on a 503 cures a wedged or dead agent, and a
+//! lost controller is no reason to restart it); `GET /readyz` is 200 when,
+//! besides, the node is registered, its desired-instances stream is open
+//! and has delivered a snapshot, and the container engine answers a ping
+//! (within 2 s); otherwise 503 with the reason as a line of text.
+//!
 //! Until the first snapshot arrives the reconciler touches nothing, so an
 //! agent that restarts (or cannot reach the controller) adopts what already
 //! runs instead of stopping it. When the controller is unreachable, the last
 //! desired set stays in force: running instances keep running.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
 
 use futures::StreamExt;
 use keel_manifest::RestartPolicy;
@@ -31,7 +46,7 @@ use keel_protocol::{
     StreamMessage,
 };
 use tokio::sync::{Mutex, watch};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::client::{CallError, Controller, ControllerError, LineDecoder, NodeRegistration};
@@ -39,6 +54,12 @@ use crate::runtime::{Runtime, RuntimeError, RuntimeState, display_ref, error_cha
 
 /// A stream silent this long (three keepalive periods) is dead.
 const STREAM_SILENCE: Duration = Duration::from_secs(30);
+
+/// `GET /readyz` waits this long for the container engine's answer.
+const ENGINE_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A health check connection serves one request within this long.
+const HEALTH_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Capped exponential backoff: `initial`, doubling to `max`, each delay
 /// jittered down by up to half so that a fleet does not retry in step.
@@ -184,6 +205,8 @@ struct Shared {
     report: watch::Sender<StatusReport>,
     status: watch::Sender<AgentStatus>,
     shutdown: watch::Receiver<bool>,
+    /// When the reconciler last finished a pass (or started).
+    last_pass: std::sync::Mutex<Instant>,
 }
 
 /// Resolves when shutdown is asked for (or the handle is gone).
@@ -194,6 +217,59 @@ async fn shutdown_requested(mut shutdown: watch::Receiver<bool>) {
 impl Shared {
     fn node(&self) -> &str {
         &self.config.node.name
+    }
+
+    /// `GET /healthz`: why the agent is not alive, if it is not. `loops`
+    /// are its long-lived tasks, which end only at shutdown (or by a
+    /// panic).
+    fn liveness(&self, loops: &[AbortHandle]) -> Result<(), String> {
+        let ended = loops.iter().filter(|l| l.is_finished()).count();
+        if ended > 0 {
+            return Err(format!(
+                "{ended} of the agent's {} loops ended",
+                loops.len()
+            ));
+        }
+        let since = self
+            .last_pass
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .elapsed();
+        let limit = self.config.resync_interval * 3;
+        if since > limit {
+            return Err(format!(
+                "the reconciler has not finished a pass for {} ms (it should at least every {} ms)",
+                since.as_millis(),
+                self.config.resync_interval.as_millis()
+            ));
+        }
+        Ok(())
+    }
+
+    /// `GET /readyz`: why the agent is not ready, if it is not.
+    async fn readiness(&self, loops: &[AbortHandle]) -> Result<(), String> {
+        self.liveness(loops)?;
+        let status = self.status.borrow().clone();
+        if !status.registered {
+            return Err(format!(
+                "not registered with the controller at {}",
+                self.controller.url()
+            ));
+        }
+        if !status.streaming {
+            return Err(format!(
+                "the desired-instances stream from {} is not connected",
+                self.controller.url()
+            ));
+        }
+        match tokio::time::timeout(ENGINE_PING_TIMEOUT, self.runtime.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(error_chain(&error)),
+            Err(_) => Err(format!(
+                "the container engine did not answer within {} s",
+                ENGINE_PING_TIMEOUT.as_secs()
+            )),
+        }
     }
 
     /// `Some(output)`, or `None` if shutdown came first.
@@ -633,6 +709,11 @@ impl Reconciler {
                 resync = Instant::now() + self.shared.config.resync_interval;
             }
             self.pass().await;
+            *self
+                .shared
+                .last_pass
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
         }
         // Graceful: let what was asked of the runtime finish.
         while self.ops.join_next().await.is_some() {}
@@ -871,6 +952,12 @@ pub struct Agent {
 pub enum AgentError {
     #[error("cannot build the HTTP client")]
     Http(#[source] reqwest::Error),
+    #[error("cannot listen for health checks on {addr}")]
+    HealthListen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Agent {
@@ -923,6 +1010,7 @@ impl Agent {
             }),
             status,
             shutdown,
+            last_pass: std::sync::Mutex::new(Instant::now()),
         });
         let reconciler = Reconciler {
             shared: shared.clone(),
@@ -942,6 +1030,7 @@ impl Agent {
             stop,
             status: status_rx,
             tasks,
+            health: std::sync::Mutex::new(Vec::new()),
             shared,
         })
     }
@@ -954,6 +1043,8 @@ pub struct AgentHandle {
     stop: watch::Sender<bool>,
     status: watch::Receiver<AgentStatus>,
     tasks: Vec<JoinHandle<()>>,
+    /// Health listeners ([`AgentHandle::serve_health`]).
+    health: std::sync::Mutex<Vec<JoinHandle<()>>>,
     shared: Arc<Shared>,
 }
 
@@ -975,10 +1066,42 @@ impl AgentHandle {
         self.status.borrow().clone()
     }
 
+    /// Serves `GET /healthz` and `GET /readyz` on `addr` (see the module
+    /// doc) until the agent stops; returns the address it listens on
+    /// (port 0 picks a free one). Plain HTTP/1.1, one request per
+    /// connection, for a supervisor on this machine.
+    pub async fn serve_health(&self, addr: SocketAddr) -> Result<SocketAddr, AgentError> {
+        let listen_error = |source| AgentError::HealthListen { addr, source };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(listen_error)?;
+        let bound = listener.local_addr().map_err(listen_error)?;
+        let loops = self.tasks.iter().map(JoinHandle::abort_handle).collect();
+        let task = tokio::spawn(serve_health(listener, self.shared.clone(), loops));
+        self.health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(task);
+        Ok(bound)
+    }
+
+    fn stop_health(&self) {
+        let tasks = std::mem::take(
+            &mut *self
+                .health
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for task in tasks {
+            task.abort();
+        }
+    }
+
     /// Stops the agent gracefully: it closes its stream, stops heartbeats
     /// and reports, and waits for runtime operations in flight. Instances
     /// keep running (a new agent on the same runtime adopts them).
     pub async fn stop(mut self) {
+        self.stop_health();
         let _ = self.stop.send(true);
         for task in self.tasks.drain(..) {
             let _ = task.await;
@@ -989,6 +1112,7 @@ impl AgentHandle {
     /// heartbeats, the stream and every connection drop, operations in
     /// flight are abandoned, and the agent's hold on the runtime goes.
     pub fn kill(mut self) {
+        self.stop_health();
         for task in self.tasks.drain(..) {
             task.abort();
         }
@@ -997,10 +1121,88 @@ impl AgentHandle {
 
 impl Drop for AgentHandle {
     fn drop(&mut self) {
+        self.stop_health();
         for task in &self.tasks {
             task.abort();
         }
     }
+}
+
+/// Accepts health check connections until aborted; each connection's
+/// task lives in the set, so aborting this drops them too.
+async fn serve_health(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    loops: Vec<AbortHandle>,
+) {
+    let loops: Arc<[AbortHandle]> = loops.into();
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors, most likely: wait, not spin.
+                tracing::warn!(error = %error, "cannot accept a health check connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (shared, loops) = (shared.clone(), loops.clone());
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<_>| {
+                let (shared, loops) = (shared.clone(), loops.clone());
+                async move { Ok::<_, Infallible>(health_answer(&shared, &loops, &request).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(HEALTH_REQUEST_TIMEOUT, connection).await;
+        });
+    }
+}
+
+/// The answer to one health check request.
+async fn health_answer<B>(
+    shared: &Shared,
+    loops: &[AbortHandle],
+    request: &Request<B>,
+) -> Response<Full<Bytes>> {
+    let readiness = match request.uri().path() {
+        "/healthz" => false,
+        "/readyz" => true,
+        _ => {
+            return text(
+                StatusCode::NOT_FOUND,
+                "not found: GET /healthz or /readyz\n",
+            );
+        }
+    };
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET (or HEAD)\n");
+    }
+    let outcome = if readiness {
+        shared.readiness(loops).await
+    } else {
+        shared.liveness(loops)
+    };
+    match outcome {
+        Ok(()) => text(StatusCode::OK, "ok\n"),
+        Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 #[cfg(test)]

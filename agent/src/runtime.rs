@@ -90,6 +90,12 @@ pub trait Runtime: Send + Sync + std::fmt::Debug + 'static {
         std::future::pending::<()>().await;
     }
 
+    /// Whether the engine answers now (`docker ping` for Docker): the
+    /// agent's readiness check asks it. The default always answers.
+    async fn ping(&self) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
     /// The instance's log: the last `tail` lines (all with `None`), then,
     /// with `follow`, new lines as they are written until the stream is
     /// dropped. The default has no logs to give.
@@ -130,6 +136,11 @@ pub enum RuntimeError {
     },
     #[error("cannot list the node's instances")]
     List {
+        #[source]
+        source: BoxError,
+    },
+    #[error("the container engine does not answer")]
+    Engine {
         #[source]
         source: BoxError,
     },

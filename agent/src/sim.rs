@@ -15,6 +15,9 @@
 //!   never passes its readiness check;
 //! - one matching a [`CrashRule`] (by default `crashing`: after 500 ms,
 //!   status 3) exits on its own after running that long.
+//!
+//! [`SimRuntime::set_engine_answering`] makes the whole engine stop
+//! answering (`ping` and `list` fail), as a stopped dockerd would.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -145,7 +148,14 @@ impl Entry {
 struct State {
     instances: BTreeMap<InstanceRef, Entry>,
     next_port: u32,
+    /// Set by [`SimRuntime::set_engine_answering`].
+    engine_down: bool,
 }
+
+/// What the simulation reports while its engine does not answer.
+#[derive(Debug, thiserror::Error)]
+#[error("the engine does not answer (simulated)")]
+pub struct SimEngineDown;
 
 /// The simulated runtime. Cheap to share: clones see the same node.
 #[derive(Debug, Clone)]
@@ -162,6 +172,7 @@ impl SimRuntime {
             state: Arc::new(Mutex::new(State {
                 instances: BTreeMap::new(),
                 next_port,
+                engine_down: false,
             })),
         }
     }
@@ -197,6 +208,12 @@ impl SimRuntime {
                 }
             })
             .collect()
+    }
+
+    /// Makes the engine answer again (`true`) or stop answering: then
+    /// `ping` and `list` fail, and what runs keeps running.
+    pub fn set_engine_answering(&self, answering: bool) {
+        self.lock().engine_down = !answering;
     }
 
     /// How many instances are running now.
@@ -278,9 +295,23 @@ impl Runtime for SimRuntime {
         Ok(())
     }
 
+    async fn ping(&self) -> Result<(), RuntimeError> {
+        if self.lock().engine_down {
+            return Err(RuntimeError::Engine {
+                source: Box::new(SimEngineDown),
+            });
+        }
+        Ok(())
+    }
+
     async fn list(&self) -> Result<Vec<(InstanceRef, RuntimeState)>, RuntimeError> {
         let now = Instant::now();
         let state = self.lock();
+        if state.engine_down {
+            return Err(RuntimeError::List {
+                source: Box::new(SimEngineDown),
+            });
+        }
         Ok(state
             .instances
             .iter()

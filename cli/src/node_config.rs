@@ -4,7 +4,7 @@
 //! `keel agent` and `keel up` both build a [`NodeRegistration`] here.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
@@ -17,7 +17,7 @@ use serde::Deserialize;
 pub struct AgentArgs {
     /// A TOML file with any of the keys below (controller, join_token,
     /// name, region, zone, labels, roles, advertise_addr, cpu_millis,
-    /// memory_mb, max_instances). Unknown keys are errors.
+    /// memory_mb, max_instances, health_addr). Unknown keys are errors.
     #[arg(long, env = "KEEL_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
     /// The controller's API URL.
@@ -58,6 +58,12 @@ pub struct AgentArgs {
     /// At most this many instances (default: 100).
     #[arg(long)]
     pub max_instances: Option<u32>,
+    /// Serve `GET /healthz` (200 while the agent's loops run) and
+    /// `GET /readyz` (200 when registered, streaming its desired instances
+    /// and Docker answers; 503 with the reason otherwise) on this
+    /// address:port, for a supervisor. Off unless given.
+    #[arg(long)]
+    pub health_addr: Option<SocketAddr>,
 }
 
 /// The file form of [`AgentArgs`].
@@ -77,6 +83,7 @@ struct AgentFile {
     cpu_millis: Option<u64>,
     memory_mb: Option<u64>,
     max_instances: Option<u32>,
+    health_addr: Option<SocketAddr>,
 }
 
 /// A node's settings, resolved and checked.
@@ -85,6 +92,8 @@ pub struct NodeSettings {
     pub controller: String,
     pub join_token: String,
     pub registration: NodeRegistration,
+    /// Where the agent answers health checks, if anywhere.
+    pub health_addr: Option<SocketAddr>,
 }
 
 pub const ROLES: &[&str] = &["worker", "router"];
@@ -190,6 +199,7 @@ impl AgentArgs {
         Ok(NodeSettings {
             controller: controller.trim_end_matches('/').to_owned(),
             join_token: join_token.trim().to_owned(),
+            health_addr: self.health_addr.or(file.health_addr),
             registration: NodeRegistration {
                 name,
                 region: self
@@ -341,9 +351,47 @@ mod tests {
         };
         let settings = args.resolve().expect("valid");
         assert_eq!(settings.controller, "http://10.0.0.1:7070");
+        assert_eq!(settings.health_addr, None, "off unless given");
         assert_eq!(settings.registration.zone, "c");
         assert_eq!(settings.registration.address, "127.0.0.2");
         assert_eq!(settings.registration.labels["disk"], "ssd");
+
+        std::fs::write(&path, "controller = \"http://x\"\njoin_token = \"j\"\nname = \"n1\"\nhealth_addr = \"127.0.0.1:7071\"\n")
+            .expect("write");
+        let from_file = AgentArgs {
+            config: Some(path.clone()),
+            ..AgentArgs::default()
+        };
+        let settings = from_file.clone().resolve().expect("valid");
+        assert_eq!(
+            settings.health_addr,
+            Some("127.0.0.1:7071".parse().expect("address"))
+        );
+        let flag_wins = AgentArgs {
+            health_addr: Some("127.0.0.1:7072".parse().expect("address")),
+            ..from_file
+        };
+        assert_eq!(
+            flag_wins.resolve().expect("valid").health_addr,
+            Some("127.0.0.1:7072".parse().expect("address"))
+        );
+
+        std::fs::write(
+            &path,
+            "controller = \"http://x\"\nhealth_addr = \"localhost\"\n",
+        )
+        .expect("write");
+        let error = AgentArgs {
+            config: Some(path.clone()),
+            ..AgentArgs::default()
+        }
+        .resolve()
+        .expect_err("not an address")
+        .to_string();
+        assert!(
+            error.contains("agent.toml") && error.contains("health_addr"),
+            "{error}"
+        );
 
         std::fs::write(
             &path,

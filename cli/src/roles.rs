@@ -145,7 +145,12 @@ pub async fn agent(command: AgentCommand) -> anyhow::Result<()> {
         settings.registration.roles.join(","),
         settings.registration.address
     );
+    let health_addr = settings.health_addr;
     let agent = start_agent(settings).await?;
+    if let Some(addr) = health_addr {
+        let addr = agent.serve_health(addr).await?;
+        println!("Agent health: http://{addr}/healthz and http://{addr}/readyz");
+    }
     let router = if routes {
         let credential = credential(&agent, Duration::from_secs(60)).await?;
         let router = start_router(

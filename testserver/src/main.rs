@@ -12,7 +12,10 @@
 //! - `POST /crash?code=N`: answers, then exits with status N (default 1);
 //! - `GET /slow?ms=N`: answers after N milliseconds;
 //! - `GET /ws`: websocket echo;
-//! - `GET /print?line=TEXT`: prints TEXT to stdout.
+//! - `GET /print?line=TEXT`: prints TEXT to stdout;
+//! - `GET /print-raw?bytes=N`: writes N bytes of `x` to stdout without a
+//!   newline (a line as long as N, unless other requests print meanwhile),
+//!   answering once they are written.
 //!
 //! SIGTERM and SIGINT exit at once with status 0: as PID 1 in a container
 //! it has no default handler, and `docker stop` would otherwise wait for
@@ -327,8 +330,41 @@ async fn route(request: &Request, state: &State) -> Reply {
             println!("{line}");
             Reply::text(200, "printed\n")
         }
+        ("GET", "/print-raw") => {
+            let Some(bytes) = request
+                .query
+                .get("bytes")
+                .and_then(|b| b.parse::<u64>().ok())
+            else {
+                return Reply::text(400, "bytes=N is required (a number of bytes)\n");
+            };
+            match print_raw(bytes).await {
+                Ok(()) => Reply::text(200, format!("printed {bytes} bytes without a newline\n")),
+                Err(error) => Reply::text(500, format!("cannot write to stdout: {error}\n")),
+            }
+        }
         _ => Reply::text(404, "not found\n"),
     }
+}
+
+/// `bytes` bytes of `x` to stdout, no newline, in 64 KiB writes (on the
+/// blocking pool: a full pipe must not stall the other connections).
+async fn print_raw(bytes: u64) -> std::io::Result<()> {
+    let written = tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let chunk = [b'x'; 64 * 1024];
+        // Locked per write, not for the whole line: holding stdout would
+        // stall every other request's log line, and so the server.
+        let stdout = std::io::stdout();
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            stdout.lock().write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        stdout.lock().flush()
+    });
+    written.await.map_err(std::io::Error::other)?
 }
 
 async fn write_reply(
