@@ -1,7 +1,7 @@
 //! An app that writes without newlines, followed with `keel logs -f`: the
 //! agent (and the controller, here in the same process) keep their memory
 //! flat, and every byte still reaches the user, as lines of at most
-//! [`MAX_LOG_LINE_BYTES`].
+//! [`MAX_LOG_LINE_BYTES`](keel_protocol::logs::MAX_LOG_LINE_BYTES).
 //!
 //! Runs on the real Docker Engine (the `keel-testserver` image, its
 //! `/print-raw` endpoint) with a real controller in-process (`SimCluster`).
@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use keel_agent::docker::{DockerConfig, DockerRuntime, MAX_LOG_LINE_BYTES};
+use keel_agent::docker::{DockerConfig, DockerRuntime};
+use keel_protocol::logs::MAX_LOG_LINE_BYTES;
 use keel_agent::eventually;
 use keel_agent::testing::{ClusterConfig, NodeSpec, SimCluster};
 

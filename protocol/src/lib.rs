@@ -17,6 +17,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod logs;
+
 use std::collections::BTreeMap;
 
 use keel_manifest::AppManifest;

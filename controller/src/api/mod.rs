@@ -1388,29 +1388,23 @@ async fn app_logs(
     let streams = parts.into_iter().map(|part| {
         let prefix = format!("[{}] ", part.instance.id);
         // Each part's bytes into whole lines, each with its prefix; a last
-        // line without its newline is sent when the part ends.
+        // line without its newline is sent when the part ends. The splitter
+        // holds at most a line's limit, whatever the node sends.
         let chunks = tokio_stream::wrappers::ReceiverStream::new(part.bytes)
             .map(Some)
             .chain(futures::stream::once(async { None }));
-        let mut partial: Vec<u8> = Vec::new();
+        let mut splitter = keel_protocol::logs::LineSplitter::default();
         chunks
             .map(move |chunk| {
+                let lines = match chunk {
+                    Some(chunk) => splitter.push(&chunk),
+                    None => splitter.finish().into_iter().collect(),
+                };
                 let mut out = Vec::new();
-                match chunk {
-                    Some(chunk) => {
-                        partial.extend_from_slice(&chunk);
-                        while let Some(at) = partial.iter().position(|&b| b == b'\n') {
-                            let line: Vec<u8> = partial.drain(..=at).collect();
-                            out.extend_from_slice(prefix.as_bytes());
-                            out.extend_from_slice(&line);
-                        }
-                    }
-                    None if !partial.is_empty() => {
-                        out.extend_from_slice(prefix.as_bytes());
-                        out.append(&mut partial);
-                        out.push(b'\n');
-                    }
-                    None => {}
+                for line in lines {
+                    out.extend_from_slice(prefix.as_bytes());
+                    out.extend_from_slice(line.as_bytes());
+                    out.push(b'\n');
                 }
                 Bytes::from(out)
             })
