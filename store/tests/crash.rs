@@ -33,7 +33,14 @@ fn crash_child() -> PathBuf {
         other => other,
     };
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "-p", "keel-store", "--example", "crash_child"])
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "keel-store",
+            "--example",
+            "crash_child",
+        ])
         .arg("--profile")
         .arg(profile)
         .arg("--target-dir")
