@@ -630,7 +630,9 @@ impl<'t> Tables<'t> {
     }
 }
 
-/// One batch in the making: its tables and the log frame of its effects.
+/// One batch in the making: its tables and the log frame of its effects
+/// (encoded after room for the frame's header, so that the append does not
+/// copy it).
 struct Batch<'t> {
     tables: Tables<'t>,
     frame: Vec<u8>,
@@ -947,7 +949,7 @@ impl Writer {
             let frame = {
                 let mut batch = Batch {
                     tables: Tables::open(&txn).map_err(BatchError::Redb)?,
-                    frame: Vec::new(),
+                    frame: Wal::frame_buffer(),
                 };
                 let mut requests = requests.into_iter();
                 let applied = (|| -> Result<(), redb::Error> {
@@ -974,7 +976,8 @@ impl Writer {
                 }
                 batch.frame
             };
-            self.wal.append(&frame).map_err(BatchError::Log)?;
+            let mut frame = frame;
+            self.wal.append(&mut frame).map_err(BatchError::Log)?;
             appended = Some(frame.len() as u64);
             txn.commit().map_err(|e| BatchError::Redb(e.into()))
         })();

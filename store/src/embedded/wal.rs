@@ -313,10 +313,18 @@ impl Wal {
         Ok(live_frames(&bytes, self.epoch).0)
     }
 
-    /// Appends one frame and syncs it: when this returns, the payload
+    /// A buffer for one frame: room for its header, then the payload is
+    /// encoded after it.
+    pub(super) fn frame_buffer() -> Vec<u8> {
+        vec![0; FRAME_HEADER]
+    }
+
+    /// Appends one frame (a [`Wal::frame_buffer`] with the payload after
+    /// the header's room) and syncs it: when this returns, the payload
     /// survives a crash. On an error nothing is appended: the next append
     /// goes to the same place.
-    pub(super) fn append(&mut self, payload: &[u8]) -> std::io::Result<()> {
+    pub(super) fn append(&mut self, frame: &mut [u8]) -> std::io::Result<()> {
+        let (header, payload) = frame.split_at_mut(FRAME_HEADER);
         let len = u32::try_from(payload.len()).map_err(|_| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -327,14 +335,11 @@ impl Wal {
         if end > self.capacity {
             self.grow(end)?;
         }
-        let mut frame = Vec::with_capacity(FRAME_HEADER + payload.len());
-        frame.extend_from_slice(&len.to_le_bytes());
-        frame.extend_from_slice(&[0; 4]);
-        frame.extend_from_slice(&self.epoch.to_le_bytes());
-        frame.extend_from_slice(&self.sequence.to_le_bytes());
-        let crc = frame_crc(&frame, payload);
-        frame[4..8].copy_from_slice(&crc.to_le_bytes());
-        frame.extend_from_slice(payload);
+        header[0..4].copy_from_slice(&len.to_le_bytes());
+        header[8..16].copy_from_slice(&self.epoch.to_le_bytes());
+        header[16..24].copy_from_slice(&self.sequence.to_le_bytes());
+        let crc = frame_crc(header, payload);
+        header[4..8].copy_from_slice(&crc.to_le_bytes());
         if self.header_pending {
             let mut header = [0; FILE_HEADER as usize];
             header[..8].copy_from_slice(MAGIC);
@@ -393,7 +398,7 @@ impl Wal {
     /// crash before then does not replay a batch whose callers were told it
     /// failed.
     pub(super) fn discard_last(&mut self, frame_bytes: u64) {
-        self.position -= FRAME_HEADER as u64 + frame_bytes;
+        self.position -= frame_bytes;
         self.sequence -= 1;
         let zeroed = self
             .file
@@ -449,6 +454,14 @@ mod tests {
         assert!(Effect::decode_all(&payload[..payload.len() - 1]).is_err());
     }
 
+    impl Wal {
+        fn append_payload(&mut self, payload: &[u8]) -> std::io::Result<()> {
+            let mut frame = Wal::frame_buffer();
+            frame.extend_from_slice(payload);
+            self.append(&mut frame)
+        }
+    }
+
     fn read_all(path: &Path) -> Vec<Vec<u8>> {
         Wal::open(path).unwrap().1
     }
@@ -459,8 +472,8 @@ mod tests {
         let path = dir.path().join("wal");
         let (mut wal, old) = Wal::open(&path).unwrap();
         assert!(old.is_empty());
-        wal.append(b"first").unwrap();
-        wal.append(b"second").unwrap();
+        wal.append_payload(b"first").unwrap();
+        wal.append_payload(b"second").unwrap();
         // A torn append: half a frame header where the next frame goes.
         let tail = wal.position;
         wal.file.write_all_at(&[9, 0, 0, 0, 1, 2], tail).unwrap();
@@ -468,7 +481,7 @@ mod tests {
         assert_eq!(read_all(&path), vec![b"first".to_vec(), b"second".to_vec()]);
 
         let (mut wal, _) = Wal::open(&path).unwrap();
-        wal.append(b"third").unwrap();
+        wal.append_payload(b"third").unwrap();
         let end = wal.position;
         drop(wal);
         assert_eq!(read_all(&path).len(), 3, "the torn tail was overwritten");
@@ -488,12 +501,12 @@ mod tests {
         // Frames of one size, so that the new pass's frame ends exactly where
         // an old one does and the old ones after it are intact, valid frames.
         for i in 0..5u8 {
-            wal.append(&[i; 100]).unwrap();
+            wal.append_payload(&[i; 100]).unwrap();
         }
         let size = std::fs::metadata(&path).unwrap().len();
         wal.reset();
         assert_eq!(wal.len(), 0);
-        wal.append(&[7; 100]).unwrap();
+        wal.append_payload(&[7; 100]).unwrap();
         drop(wal);
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
@@ -504,7 +517,7 @@ mod tests {
 
         // Reopening carries on in the same pass.
         let (mut wal, _) = Wal::open(&path).unwrap();
-        wal.append(&[8; 100]).unwrap();
+        wal.append_payload(&[8; 100]).unwrap();
         drop(wal);
         assert_eq!(read_all(&path), vec![vec![7; 100], vec![8; 100]]);
     }
@@ -517,7 +530,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal");
         let (mut wal, _) = Wal::open(&path).unwrap();
-        wal.append(b"old").unwrap();
+        wal.append_payload(b"old").unwrap();
         wal.reset();
         drop(wal);
         assert_eq!(read_all(&path), vec![b"old".to_vec()]);
@@ -528,9 +541,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal");
         let (mut wal, _) = Wal::open(&path).unwrap();
-        wal.append(b"kept").unwrap();
-        wal.append(b"failed").unwrap();
-        wal.discard_last(6);
+        wal.append_payload(b"kept").unwrap();
+        wal.append_payload(b"failed").unwrap();
+        wal.discard_last((FRAME_HEADER + 6) as u64);
         assert_eq!(wal.live_payloads().unwrap(), vec![b"kept".to_vec()]);
         drop(wal);
         assert_eq!(read_all(&path), vec![b"kept".to_vec()]);
@@ -550,7 +563,7 @@ mod tests {
         let (mut wal, payloads) = Wal::open(&path).unwrap();
         assert_eq!(payloads, vec![b"one".to_vec(), b"two".to_vec()]);
         wal.reset();
-        wal.append(b"three").unwrap();
+        wal.append_payload(b"three").unwrap();
         drop(wal);
         assert_eq!(read_all(&path), vec![b"three".to_vec()]);
     }
