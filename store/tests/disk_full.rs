@@ -196,7 +196,7 @@ async fn a_full_disk_fails_writes_clearly_and_the_store_writes_again_when_space_
             Ok(revision) => {
                 acked.insert(key, revision);
             }
-            Err(error) => failed.push(key),
+            Err(_) => failed.push(key),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

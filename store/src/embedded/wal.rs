@@ -346,7 +346,7 @@ impl Wal {
             header[8..].copy_from_slice(&self.epoch.to_le_bytes());
             self.file.write_all_at(&header, 0)?;
         }
-        self.file.write_all_at(&frame, self.position)?;
+        self.file.write_all_at(frame, self.position)?;
         self.file.sync_data()?;
         self.header_pending = false;
         self.position = end;
