@@ -1,6 +1,6 @@
 //! The embedded store survives `kill -9` at any moment.
 //!
-//! A child process (this same test binary, running `crash_child`) writes
+//! A child process (the `crash_child` example) writes
 //! from many tasks and prints each write the store acknowledged. The parent
 //! kills it with SIGKILL at a random moment, reopens the file, and checks
 //! that every acknowledged write is there and that revisions only grew. It
@@ -10,45 +10,57 @@
 #![allow(clippy::unwrap_used)] // tests and benches may unwrap: a panic is their failure report
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_store::{EmbeddedOptions, EmbeddedStore, Store};
 use rand::Rng;
 
-const CHILD_ENV: &str = "KEEL_CRASH_CHILD_STORE";
-
-/// Not a test of its own: the writer the parent runs and kills. Without the
-/// environment variable it returns at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_child() {
-    let Ok(path) = std::env::var(CHILD_ENV) else {
-        return;
+/// Builds the `crash_child` example with the profile and target dir this
+/// test was built with (a no-op when it is current) and returns its path.
+/// Building it here, rather than relying on `cargo test` having built the
+/// examples, keeps `cargo test --test crash` and nextest working from a clean
+/// target, and never runs a stale child.
+fn crash_child() -> PathBuf {
+    // This test runs as <target>/<profile dir>/deps/crash-<hash>.
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let target_dir = profile_dir.parent().unwrap();
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()).unwrap() {
+        "debug" => "dev",
+        other => other,
     };
-    let round: usize = std::env::var("KEEL_CRASH_ROUND").unwrap().parse().unwrap();
-    let store = Arc::new(EmbeddedStore::open(&path, EmbeddedOptions::default()).unwrap());
-    let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
-    let mut tasks = Vec::new();
-    for task in 0..32 {
-        let (store, out) = (store.clone(), out.clone());
-        tasks.push(tokio::spawn(async move {
-            for i in 0.. {
-                let key = format!("/crash/{round}/{task}/{i}");
-                let revision = store
-                    .put(&key, key.clone().into_bytes(), None)
-                    .await
-                    .unwrap();
-                let mut out = out.lock().unwrap();
-                writeln!(out, "ack {key} {revision}").unwrap();
-                out.flush().unwrap();
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "keel-store",
+            "--example",
+            "crash_child",
+        ])
+        .arg("--profile")
+        .arg(profile)
+        .arg("--target-dir")
+        .arg(target_dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the crash_child example failed");
+    profile_dir
+        .join("examples")
+        .join(format!("crash_child{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// Whether the write-ahead log holds frames to replay: its file is reused
+/// and never empty, so this reads its layout (see `embedded/wal.rs`): the
+/// frame at offset 16 carries the epoch the header at offset 8 names.
+fn log_has_live_frames(wal: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(wal) else {
+        return false;
+    };
+    bytes.len() >= 40 && bytes[..8] == *b"KEELWAL2" && bytes[8..16] == bytes[24..32]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,10 +72,10 @@ async fn acknowledged_writes_survive_kill_9() {
     let mut total_acked = 0;
     let wal = dir.path().join("store.redb.wal");
     let mut rounds_recovered_from_log = 0;
+    let child_binary = crash_child();
     for round in 0..4 {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, &path)
+        let mut child = Command::new(&child_binary)
+            .env("KEEL_CRASH_CHILD_STORE", &path)
             .env("KEEL_CRASH_ROUND", round.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -94,7 +106,7 @@ async fn acknowledged_writes_survive_kill_9() {
             "round {round}: the child acknowledged no write"
         );
 
-        if std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) > 0 {
+        if log_has_live_frames(&wal) {
             rounds_recovered_from_log += 1;
         }
         let store = EmbeddedStore::open(&path, EmbeddedOptions::default()).unwrap();

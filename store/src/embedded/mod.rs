@@ -7,11 +7,16 @@
 //!
 //! Shape: a single writer thread owns every mutation. Callers send it
 //! requests; it drains whatever is queued (up to `max_batch`), applies each
-//! request in order inside one redb write transaction, commits once (one
-//! fsync for the whole batch: group commit), then publishes the batch's events
-//! to watchers and only then answers the callers. Each request keeps its own
-//! revision and its own atomicity: a request that fails validation writes
-//! nothing and does not disturb the others in its batch.
+//! request in order inside one redb write transaction, appends the batch's
+//! effects to the write-ahead log (one fsync for the whole batch: group
+//! commit, see `wal`), commits the transaction, then publishes the batch's
+//! events to watchers and only then answers the callers. Each request keeps
+//! its own revision and its own atomicity: a request that fails validation
+//! writes nothing and does not disturb the others in its batch.
+//!
+//! A write that fails (a full disk) acknowledges nothing and leaves nothing
+//! behind, in the file or in memory; the writer carries on, reports why in
+//! `status().write_error`, and writes again once the disk does.
 //!
 //! Leases live with the writer too: their deadlines are in memory (reset to a
 //! full TTL when the file is reopened, as etcd does on a leader change), their
@@ -25,7 +30,8 @@ mod watch;
 use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -85,8 +91,12 @@ pub struct EmbeddedStore {
 #[derive(Debug)]
 struct Inner {
     path: PathBuf,
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
     hub: Arc<Hub>,
+    /// Why the writer cannot make writes durable, while it cannot.
+    write_error: Arc<Mutex<Option<String>>>,
+    /// Bytes of live frames in the write-ahead log.
+    log_bytes: Arc<AtomicU64>,
     requests: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
 }
@@ -108,6 +118,38 @@ enum Request {
     LeaseKeepAlive(LeaseId, oneshot::Sender<Result<i64, StoreError>>),
     LeaseRevoke(LeaseId, oneshot::Sender<Result<(), StoreError>>),
     Compact(Revision, oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// The open database. After a failed write redb refuses every later
+/// operation until the file is reopened, so the writer swaps in a fresh
+/// handle; while it has none (the reopen itself failed), reads fail too.
+#[derive(Debug)]
+struct DbSlot(RwLock<Option<Arc<Database>>>);
+
+impl DbSlot {
+    fn lock(&self) -> std::sync::RwLockWriteGuard<'_, Option<Arc<Database>>> {
+        // The slot holds one value that is replaced whole: a poisoned lock
+        // still holds a consistent one.
+        self.0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn current(&self) -> Option<Arc<Database>> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// The database for a read, or an error saying why there is none.
+    fn get(&self, path: &Path, operation: &'static str) -> Result<Arc<Database>, StoreError> {
+        self.current().ok_or_else(|| StoreError::Io {
+            path: path.to_path_buf(),
+            operation,
+            source: "the store file is being reopened after a failed write".into(),
+        })
+    }
 }
 
 /// What the writer knows between batches; reloaded from the file after a
@@ -144,18 +186,23 @@ impl EmbeddedStore {
         let (mut wal, payloads) = Wal::open(&wal_path).map_err(wal_error)?;
         if !payloads.is_empty() {
             tracing::info!(path = %wal_path.display(), frames = payloads.len(), "replaying the write-ahead log");
-            recover(&db, &payloads, &wal_path)?;
-            wal.reset().map_err(wal_error)?;
+            recover(&db, &payloads, &wal_path, redb::Durability::Immediate)?;
+            wal.reset();
         }
-        let db = Arc::new(db);
         let state = State::load(&db, &path)?;
+        let db = Arc::new(DbSlot(RwLock::new(Some(Arc::new(db)))));
         let hub = Arc::new(Hub::new(state.revision, options.watch_buffer));
+        let write_error = Arc::new(Mutex::new(None));
+        let log_bytes = Arc::new(AtomicU64::new(0));
         let (requests, receiver) = mpsc::channel();
         let writer = Writer {
             db: db.clone(),
             path: path.clone(),
             wal,
             last_checkpoint: Instant::now(),
+            failing: false,
+            write_error: write_error.clone(),
+            log_bytes: log_bytes.clone(),
             hub: hub.clone(),
             state,
             options,
@@ -169,6 +216,8 @@ impl EmbeddedStore {
                 path,
                 db,
                 hub,
+                write_error,
+                log_bytes,
                 requests: Some(requests),
                 writer: Some(writer),
             }),
@@ -200,9 +249,8 @@ impl EmbeddedStore {
         operation: &'static str,
         f: impl FnOnce(&redb::ReadTransaction) -> Result<T, ReadError>,
     ) -> Result<T, StoreError> {
-        let txn = self
-            .inner
-            .db
+        let db = self.inner.db.get(&self.inner.path, operation)?;
+        let txn = db
             .begin_read()
             .map_err(|e| self.io_error(operation)(e.into()))?;
         f(&txn).map_err(|e| e.into_store_error(&self.inner.path, operation))
@@ -388,9 +436,16 @@ impl Store for EmbeddedStore {
     }
 
     async fn status(&self) -> Result<StoreStatus, StoreError> {
-        let revision = self
-            .read("status", |txn| read_meta(txn, "revision"))?
-            .max(FIRST_REVISION);
+        // The revision last published is the one last made durable, and
+        // knowing it needs no read: status answers while the file is being
+        // reopened after a failed write.
+        let revision = self.inner.hub.revision();
+        let write_error = self
+            .inner
+            .write_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
         let size = |path: &Path| {
             std::fs::metadata(path)
                 .map(|m| m.len())
@@ -400,14 +455,15 @@ impl Store for EmbeddedStore {
                     source: e.into(),
                 })
         };
-        // The log counts: it is part of what the store keeps on disk.
-        let db_size_bytes =
-            size(&self.inner.path)? + size(&wal_path(&self.inner.path)).unwrap_or(0);
+        // The log's live frames count: they are data the file does not hold
+        // yet. Its preallocated room (bounded by the checkpoint size) does
+        // not.
+        let db_size_bytes = size(&self.inner.path)? + self.inner.log_bytes.load(Ordering::Relaxed);
         Ok(StoreStatus {
             revision,
             db_size_bytes,
             location: self.inner.path.display().to_string(),
-            write_error: None,
+            write_error,
         })
     }
 }
@@ -448,10 +504,15 @@ impl State {
 
 /// The single writer: owns the write side of the file and the lease clock.
 struct Writer {
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
     path: PathBuf,
     wal: Wal,
     last_checkpoint: Instant,
+    /// A write failed and no checkpoint has succeeded since: checkpoints
+    /// are retried every `RETRY_INTERVAL` until one does.
+    failing: bool,
+    write_error: Arc<Mutex<Option<String>>>,
+    log_bytes: Arc<AtomicU64>,
     hub: Arc<Hub>,
     state: State,
     options: EmbeddedOptions,
@@ -486,6 +547,16 @@ impl Reply {
             Reply::KeepAlive(tx, r) => tx.send(r).is_ok(),
             Reply::Unit(tx, r) => tx.send(r).is_ok(),
         };
+    }
+
+    /// The reply to a request that was not applied: the error.
+    fn refuse(request: Request, error: &impl Fn() -> StoreError) -> Reply {
+        match request {
+            Request::Txn(_, tx) => Reply::Txn(tx, Err(error())),
+            Request::LeaseGrant(_, tx) => Reply::Lease(tx, Err(error())),
+            Request::LeaseKeepAlive(_, tx) => Reply::KeepAlive(tx, Err(error())),
+            Request::LeaseRevoke(_, tx) | Request::Compact(_, tx) => Reply::Unit(tx, Err(error())),
+        }
     }
 
     fn fail(self, error: &impl Fn() -> StoreError) -> Reply {
@@ -559,7 +630,9 @@ impl<'t> Tables<'t> {
     }
 }
 
-/// One batch in the making: its tables and the log frame of its effects.
+/// One batch in the making: its tables and the log frame of its effects
+/// (encoded after room for the frame's header, so that the append does not
+/// copy it).
 struct Batch<'t> {
     tables: Tables<'t>,
     frame: Vec<u8>,
@@ -579,16 +652,23 @@ impl Batch<'_> {
     }
 }
 
-/// Replays the effects of a log's frames over the file and makes the
-/// result durable.
-fn recover(db: &Database, payloads: &[Vec<u8>], wal_path: &Path) -> Result<(), StoreError> {
+/// Replays the effects of a log's frames over the file, committing them with
+/// `durability`: durably when opening, without a sync when reopening after
+/// a failed write (the frames stay in the log, which is what is durable).
+fn recover(
+    db: &Database,
+    payloads: &[Vec<u8>],
+    wal_path: &Path,
+    durability: redb::Durability,
+) -> Result<(), StoreError> {
     let corrupt = |detail: String| StoreError::Corrupt {
         path: wal_path.to_path_buf(),
         key: "write-ahead log frame".into(),
         detail,
     };
     let replay = || -> Result<Result<(), String>, redb::Error> {
-        let txn = db.begin_write()?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(durability)?;
         let mut tables = Tables::open(&txn)?;
         for payload in payloads {
             let effects = match Effect::decode_all(payload) {
@@ -617,6 +697,35 @@ fn recover(db: &Database, payloads: &[Vec<u8>], wal_path: &Path) -> Result<(), S
 /// the write-ahead log starts empty again.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 const CHECKPOINT_LOG_BYTES: u64 = 64 << 20;
+/// After a failed write, how often the writer tries a checkpoint (and so
+/// learns whether the disk takes writes again) while no request comes.
+const RETRY_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a reopen waits for readers to let go of the failed handle.
+const REOPEN_WAIT: Duration = Duration::from_secs(5);
+
+/// An error and its sources, `: `-separated: the message a caller or a
+/// readiness check gets, which must say what the disk said.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(error) = source {
+        let text = error.to_string();
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = error.source();
+    }
+    message
+}
+
+/// Why a batch failed.
+enum BatchError {
+    /// redb failed: the handle may refuse every later operation.
+    Redb(redb::Error),
+    /// The log append failed; the batch's transaction was rolled back.
+    Log(std::io::Error),
+}
 
 impl Writer {
     fn run(mut self, requests: mpsc::Receiver<Request>) {
@@ -628,6 +737,9 @@ impl Writer {
                 });
             if self.wal.len() > 0 {
                 wait = wait.min(CHECKPOINT_INTERVAL.saturating_sub(self.last_checkpoint.elapsed()));
+            }
+            if self.failing {
+                wait = wait.min(RETRY_INTERVAL.saturating_sub(self.last_checkpoint.elapsed()));
             }
             let mut batch = Vec::new();
             match requests.recv_timeout(wait) {
@@ -641,31 +753,148 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let expired = self.expired_leases();
-            let checkpoint_due = self.wal.len() > 0
-                && (self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
-                    || self.wal.len() >= CHECKPOINT_LOG_BYTES);
-            if batch.is_empty() && expired.is_empty() && !checkpoint_due {
+            // Under a stream of failing batches too: a failure does not
+            // postpone the retry that may end it.
+            let checkpoint_due = if self.failing {
+                self.last_checkpoint.elapsed() >= RETRY_INTERVAL
+            } else {
+                self.wal.len() > 0
+                    && (self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
+                        || self.wal.len() >= CHECKPOINT_LOG_BYTES)
+            };
+            if checkpoint_due {
+                self.checkpoint();
+            }
+            let expired = if !self.failing {
+                self.expired_leases()
+            } else {
+                // Expiry is a write too; it waits until writes work again.
+                Vec::new()
+            };
+            if batch.is_empty() && expired.is_empty() {
                 continue;
             }
-            if let Err(error) = self.apply_batch(batch, expired, checkpoint_due) {
-                // The log could not be written: what is in memory may be
-                // ahead of what is durable, so nothing more is accepted.
-                tracing::error!(path = %self.wal.path().display(), error = %error, "write-ahead log failed; the store stops");
-                break;
-            }
+            self.apply_batch(batch, expired);
         }
         // A clean close leaves the file current and no log beside it, so a
         // stopped store is the one file.
-        let checkpointed =
-            self.wal.len() == 0 || self.apply_batch(Vec::new(), Vec::new(), true).is_ok();
-        if checkpointed
-            && self.wal.len() == 0
+        self.checkpoint();
+        if !self.failing
             && let Err(error) = std::fs::remove_file(self.wal.path())
         {
             tracing::warn!(path = %self.wal.path().display(), error = %error, "cannot remove the emptied write-ahead log");
         }
         self.hub.close();
+    }
+
+    /// Makes the file itself durable and empties the log. A checkpoint is a
+    /// transaction of its own, with no effects: a crash after it and before
+    /// the log's new pass begins replays the previous pass over a file
+    /// that holds exactly that pass's outcome, which changes nothing.
+    fn checkpoint(&mut self) {
+        // Attempts count, so that a failing one is retried at its interval.
+        self.last_checkpoint = Instant::now();
+        if self.db.current().is_none()
+            && let Err(error) = self.reopen()
+        {
+            self.fail("reopen", &error);
+            return;
+        }
+        let Some(db) = self.db.current() else {
+            return;
+        };
+        let committed = (|| -> Result<(), redb::Error> {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(redb::Durability::Immediate)?;
+            txn.commit()?;
+            Ok(())
+        })();
+        drop(db);
+        match committed {
+            Ok(()) => {
+                self.wal.reset();
+                self.log_bytes.store(0, Ordering::Relaxed);
+                if std::mem::take(&mut self.failing) {
+                    tracing::info!(path = %self.path.display(), "the store writes again");
+                    *self.lock_write_error() = None;
+                }
+            }
+            Err(error) => {
+                tracing::error!(path = %self.path.display(), error = %error, "store checkpoint failed");
+                self.fail("checkpoint", &error);
+                // redb refuses everything after a failed write until the
+                // file is reopened.
+                if let Err(error) = self.reopen() {
+                    tracing::error!(path = %self.path.display(), error = %error, "cannot reopen the store file; retrying");
+                }
+            }
+        }
+    }
+
+    fn lock_write_error(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.write_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records a failed write: `status()` reports it, the file is reopened
+    /// before the next batch, and checkpoints are retried until one works.
+    fn fail(&mut self, operation: &str, error: &dyn std::error::Error) {
+        *self.lock_write_error() = Some(format!(
+            "{operation} of store file {} failed: {}",
+            self.path.display(),
+            error_chain(error)
+        ));
+        self.failing = true;
+    }
+
+    /// Replaces the database handle with a fresh one over the last durable
+    /// state: redb rolls the file back to its last durable commit and the
+    /// live frames of the log (every acknowledged batch since) are replayed
+    /// over it. Memory is reloaded from the result, so nothing that failed
+    /// survives in it.
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        let old = self.db.lock().take();
+        if let Some(mut old) = old {
+            // Readers hold the handle only for the length of a read.
+            let started = Instant::now();
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(shared) if started.elapsed() < REOPEN_WAIT => {
+                        old = shared;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(shared) => {
+                        *self.db.lock() = Some(shared);
+                        return Err(StoreError::Io {
+                            path: self.path.clone(),
+                            operation: "reopen",
+                            source: "readers still hold the store file".into(),
+                        });
+                    }
+                }
+            }
+        }
+        let db = Database::builder()
+            .set_cache_size(self.options.cache_size_bytes)
+            .create(&self.path)
+            .map_err(|e| StoreError::Open {
+                path: self.path.clone(),
+                source: e.into(),
+            })?;
+        let payloads = self.wal.live_payloads().map_err(|e| StoreError::Open {
+            path: self.wal.path().to_path_buf(),
+            source: e.into(),
+        })?;
+        recover(&db, &payloads, self.wal.path(), redb::Durability::None)?;
+        self.state = State::load(&db, &self.path)?;
+        *self.db.lock() = Some(Arc::new(db));
+        tracing::info!(path = %self.path.display(), frames = payloads.len(), "store file reopened after a failed write");
+        Ok(())
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -689,86 +918,130 @@ impl Writer {
         ids
     }
 
-    /// Applies a batch, makes it durable (a log append, or a checkpoint),
-    /// publishes its events and answers its callers. An error is returned
-    /// only when the log failed, after the callers were answered with it.
-    fn apply_batch(
-        &mut self,
-        requests: Vec<Request>,
-        expired: Vec<i64>,
-        checkpoint: bool,
-    ) -> Result<(), std::io::Error> {
+    /// Applies a batch in one redb transaction, appends its effects to the
+    /// log (one sync), commits the transaction (no sync), publishes its
+    /// events and answers its callers. The append comes before the commit
+    /// so that a failed append leaves nothing behind: the transaction is
+    /// dropped (rolled back), memory is reloaded from the file, and every
+    /// caller of the batch gets the error.
+    fn apply_batch(&mut self, requests: Vec<Request>, expired: Vec<i64>) {
+        if self.db.current().is_none()
+            && let Err(error) = self.reopen()
+        {
+            self.fail("reopen", &error);
+            let failure = self.failure("reopen", &error);
+            for request in requests {
+                Reply::refuse(request, &failure).send();
+            }
+            return;
+        }
         let mut replies = Vec::with_capacity(requests.len());
         let mut events = Vec::new();
-        let mut frame = Vec::new();
-        let committed = (|| -> Result<(), redb::Error> {
-            let mut txn = self.db.begin_write()?;
-            txn.set_durability(if checkpoint {
-                redb::Durability::Immediate
-            } else {
-                redb::Durability::None
-            })?;
-            frame = {
+        let mut appended = None;
+        let result = (|| -> Result<(), BatchError> {
+            let db = self
+                .db
+                .current()
+                .ok_or_else(|| BatchError::Redb(redb::StorageError::PreviousIo.into()))?;
+            let mut txn = db.begin_write().map_err(|e| BatchError::Redb(e.into()))?;
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| BatchError::Redb(e.into()))?;
+            let frame = {
                 let mut batch = Batch {
-                    tables: Tables::open(&txn)?,
-                    frame: Vec::new(),
+                    tables: Tables::open(&txn).map_err(BatchError::Redb)?,
+                    frame: Wal::frame_buffer(),
                 };
-                for id in expired {
-                    tracing::debug!(lease = id, "lease expired");
-                    self.revoke(&mut batch, id, &mut events)?;
+                let mut requests = requests.into_iter();
+                let applied = (|| -> Result<(), redb::Error> {
+                    for id in expired {
+                        tracing::debug!(lease = id, "lease expired");
+                        self.revoke(&mut batch, id, &mut events)?;
+                    }
+                    for request in requests.by_ref() {
+                        replies.push(self.apply(&mut batch, request, &mut events)?);
+                    }
+                    batch.effect(Effect::Meta {
+                        revision: self.state.revision,
+                        compacted: self.state.compacted,
+                        next_lease: self.state.next_lease,
+                    })
+                })();
+                if let Err(error) = applied {
+                    // Requests not reached are answered with the error too.
+                    let failure = self.failure("commit", &error);
+                    for request in requests {
+                        replies.push(Reply::refuse(request, &failure));
+                    }
+                    return Err(BatchError::Redb(error));
                 }
-                for request in requests {
-                    replies.push(self.apply(&mut batch, request, &mut events)?);
-                }
-                batch.effect(Effect::Meta {
-                    revision: self.state.revision,
-                    compacted: self.state.compacted,
-                    next_lease: self.state.next_lease,
-                })?;
                 batch.frame
             };
-            txn.commit()?;
-            Ok(())
+            let mut frame = frame;
+            self.wal.append(&mut frame).map_err(BatchError::Log)?;
+            appended = Some(frame.len() as u64);
+            txn.commit().map_err(|e| BatchError::Redb(e.into()))
         })();
-        if let Err(error) = committed {
-            tracing::error!(path = %self.path.display(), error = %error, "store commit failed");
-            let failure = self.failure("commit", &error);
-            for reply in replies {
-                reply.fail(&failure).send();
+        let error = match result {
+            Ok(()) => {
+                self.log_bytes.store(self.wal.len(), Ordering::Relaxed);
+                self.hub.publish(self.state.revision, events);
+                replies.into_iter().for_each(Reply::send);
+                return;
             }
-            // Requests not reached before the failure are dropped with the
-            // batch; their callers see the store as closed for them.
-            match State::load(&self.db, &self.path) {
-                Ok(state) => self.state = state,
-                Err(error) => tracing::error!(error = %error, "cannot reload store state"),
-            }
-            return Ok(());
-        }
-        let durable = if checkpoint {
-            self.last_checkpoint = Instant::now();
-            self.wal.reset()
-        } else {
-            self.wal.append(&frame)
+            Err(error) => error,
         };
-        if let Err(error) = durable {
-            let failure = self.failure("write-ahead log append", &error);
-            for reply in replies {
-                reply.fail(&failure).send();
+        let (operation, failure) = match &error {
+            BatchError::Log(error) => {
+                tracing::error!(path = %self.wal.path().display(), error = %error, "write-ahead log append failed; the batch is rolled back");
+                (
+                    "write-ahead log append",
+                    self.failure("write-ahead log append", error),
+                )
             }
-            return Err(error);
+            BatchError::Redb(error) => {
+                tracing::error!(path = %self.path.display(), error = %error, "store commit failed");
+                ("commit", self.failure("commit", error))
+            }
+        };
+        for reply in replies {
+            reply.fail(&failure).send();
         }
-        self.hub.publish(self.state.revision, events);
-        replies.into_iter().for_each(Reply::send);
-        Ok(())
+        if let Some(frame_bytes) = appended {
+            self.wal.discard_last(frame_bytes);
+        }
+        self.log_bytes.store(self.wal.len(), Ordering::Relaxed);
+        match error {
+            BatchError::Log(error) => {
+                self.fail(operation, &error);
+                // The transaction was dropped unapplied: the file is as it
+                // was before the batch, and so is memory once reloaded.
+                match self.db.current().map(|db| State::load(&db, &self.path)) {
+                    Some(Ok(state)) => self.state = state,
+                    Some(Err(error)) => {
+                        tracing::error!(error = %error, "cannot reload store state");
+                        *self.db.lock() = None;
+                    }
+                    None => {}
+                }
+            }
+            BatchError::Redb(error) => {
+                self.fail(operation, &error);
+                // redb may refuse everything from now on; reopening also
+                // puts memory back at the last durable state.
+                if let Err(error) = self.reopen() {
+                    tracing::error!(path = %self.path.display(), error = %error, "cannot reopen the store file; retrying");
+                }
+            }
+        }
     }
 
     fn failure(
         &self,
         operation: &'static str,
-        error: &dyn std::fmt::Display,
+        error: &dyn std::error::Error,
     ) -> impl Fn() -> StoreError + use<> {
         let path = self.path.clone();
-        let message = error.to_string();
+        let message = error_chain(error);
         move || StoreError::Io {
             path: path.clone(),
             operation,

@@ -18,6 +18,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 
 use redb::{Database, ReadableDatabase};
+
+use super::DbSlot;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -95,6 +97,11 @@ impl Hub {
         });
     }
 
+    /// The revision of the last published batch: the last one made durable.
+    pub(super) fn revision(&self) -> Revision {
+        self.lock().revision
+    }
+
     pub(super) fn close(&self) {
         let mut inner = self.lock();
         inner.closed = true;
@@ -119,7 +126,7 @@ impl Hub {
 
 /// Starts a watch task and returns the consumer's end of it.
 pub(super) fn spawn(
-    db: Weak<Database>,
+    db: Weak<DbSlot>,
     path: PathBuf,
     hub: Arc<Hub>,
     prefix: String,
@@ -138,7 +145,7 @@ pub(super) fn spawn(
 struct Gone;
 
 async fn run(
-    db: Weak<Database>,
+    db: Weak<DbSlot>,
     path: PathBuf,
     hub: Arc<Hub>,
     prefix: String,
@@ -154,7 +161,10 @@ async fn run(
             next = registered + 1;
         }
         if next <= registered {
-            let db = db.upgrade().ok_or(StoreError::Closed)?;
+            let db = db
+                .upgrade()
+                .ok_or(StoreError::Closed)?
+                .get(&path, "watch replay")?;
             let (path, prefix, out) = (path.clone(), prefix.clone(), out.clone());
             let replayed = tokio::task::spawn_blocking(move || {
                 replay(&db, &path, &prefix, next, registered, &out)
