@@ -1549,5 +1549,4 @@ mod tests {
         );
         assert_eq!(exit_code_from_status("Up 3 seconds"), None);
     }
-
 }

@@ -17,9 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use keel_agent::docker::{DockerConfig, DockerRuntime};
-use keel_protocol::logs::MAX_LOG_LINE_BYTES;
 use keel_agent::eventually;
 use keel_agent::testing::{ClusterConfig, NodeSpec, SimCluster};
+use keel_protocol::logs::MAX_LOG_LINE_BYTES;
 
 /// What the app writes without a newline. Through Docker's json-file log
 /// driver and a debug build on a two-core machine, the log arrives at 11

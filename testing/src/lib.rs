@@ -85,10 +85,10 @@ const TOOL_PACKAGES: &[(&str, &str)] = &[
 /// stops with one line that names the Debian package to install, rather
 /// than a "No such file or directory" from the first spawn.
 pub fn tool(name: &str) -> PathBuf {
-    let package = TOOL_PACKAGES
-        .iter()
-        .find(|(tool, _)| *tool == name)
-        .map_or("(unknown: add it to keel_testing's TOOL_PACKAGES)", |(_, package)| *package);
+    let package = TOOL_PACKAGES.iter().find(|(tool, _)| *tool == name).map_or(
+        "(unknown: add it to keel_testing's TOOL_PACKAGES)",
+        |(_, package)| *package,
+    );
     find_on_path(name).unwrap_or_else(|| {
         panic!(
             "`{name}` is not installed: install the Debian package {package} \
