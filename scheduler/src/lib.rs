@@ -7,10 +7,9 @@
 //! placed with [`Cluster::assign`]), places the pending instances
 //! ([`Cluster::place_one`], [`Cluster::place_on`]), releases what it removes
 //! ([`Cluster::release`]), writes the plan to the store, and drops the
-//! `Cluster` with the pass. Building it is linear in nodes and instances and
-//! small beside reading and decoding the snapshot itself; the structures
-//! below keep each placement within a pass cheap, so a deploy of thousands
-//! of instances is one pass. Keeping one `Cluster` alive across passes, fed
+//! `Cluster` with the pass. Building it is linear in nodes and instances;
+//! the structures below keep each placement within a pass cheap, so a
+//! deploy of thousands of instances is one pass. Keeping one `Cluster` alive across passes, fed
 //! by store events ([`Cluster::set_status`] and the rest), is what the API
 //! allows but not what the controller does.
 //!
