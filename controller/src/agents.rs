@@ -11,7 +11,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use keel_manifest::AppManifest;
 use keel_protocol::{InstanceRef, InstanceSpec, InstanceStatus, StatusReport, StreamMessage};
-use keel_store::{EventKind, Op, RangeRequest, Store, Txn};
+use keel_store::{EventKind, Op, RangeRequest, Store};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -77,6 +77,8 @@ pub struct InstanceView {
 pub struct Agents {
     store: Arc<dyn Store>,
     fanout: Arc<tokio::sync::Mutex<Option<Arc<Fanout>>>>,
+    /// The fan-out in `fanout`, readable without waiting for a start.
+    current: Arc<std::sync::Mutex<Option<Arc<Fanout>>>>,
     /// Log requests sent to agents and not yet answered, by request id.
     logs: Arc<std::sync::Mutex<BTreeMap<String, PendingLog>>>,
 }
@@ -134,7 +136,11 @@ struct Index {
     by_node: BTreeMap<String, BTreeMap<InstanceRef, InstanceSpec>>,
     /// Where each instance is, to find it again on a delete.
     node_of: BTreeMap<InstanceRef, String>,
-    subscribers: BTreeMap<String, Vec<mpsc::Sender<StreamMessage>>>,
+    /// The open streams of each node, by subscription id. A stream leaves
+    /// when its connection ends (its [`NodeStream`] is dropped), or when it
+    /// falls 64 messages behind.
+    subscribers: BTreeMap<String, BTreeMap<u64, mpsc::Sender<StreamMessage>>>,
+    next_subscriber: u64,
     manifests: BTreeMap<(String, String, u64), AppManifest>,
     stopped: bool,
 }
@@ -330,7 +336,7 @@ impl Index {
         let Some(senders) = self.subscribers.get_mut(node) else {
             return 0;
         };
-        senders.retain(|tx| tx.try_send(message.clone()).is_ok());
+        senders.retain(|_, tx| tx.try_send(message.clone()).is_ok());
         let sent = senders.len();
         if senders.is_empty() {
             self.subscribers.remove(node);
@@ -358,11 +364,53 @@ fn parse_instance_key(key: &str) -> Option<InstanceRef> {
     })
 }
 
+/// A node's desired-instances stream: the messages for one connection.
+/// Dropping it (the connection ended) removes its subscription.
+#[derive(Debug)]
+pub struct NodeStream {
+    messages: mpsc::Receiver<StreamMessage>,
+    _subscription: Subscription,
+}
+
+impl futures::Stream for NodeStream {
+    type Item = StreamMessage;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<StreamMessage>> {
+        self.messages.poll_recv(cx)
+    }
+}
+
+#[derive(Debug)]
+struct Subscription {
+    fanout: std::sync::Weak<Fanout>,
+    node: String,
+    id: u64,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let Some(fanout) = self.fanout.upgrade() else {
+            return;
+        };
+        let mut index = fanout.lock();
+        if let Some(streams) = index.subscribers.get_mut(&self.node) {
+            streams.remove(&self.id);
+            if streams.is_empty() {
+                index.subscribers.remove(&self.node);
+            }
+        }
+    }
+}
+
 impl Agents {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
             store,
             fanout: Arc::default(),
+            current: Arc::default(),
             logs: Arc::default(),
         }
     }
@@ -462,9 +510,10 @@ impl Agents {
         }
     }
 
-    /// Starts the node's stream: a snapshot now, then every change, as
-    /// messages on the returned channel until its receiver is dropped.
-    pub async fn watch(&self, node: &str) -> Result<mpsc::Receiver<StreamMessage>, ApiError> {
+    /// Starts the node's stream: a snapshot now, then every change, until
+    /// the returned stream is dropped (its connection ended), which
+    /// unsubscribes it at once.
+    pub async fn watch(&self, node: &str) -> Result<NodeStream, ApiError> {
         let fanout = self.fanout().await?;
         let (tx, rx) = mpsc::channel(64);
         let mut index = fanout.lock();
@@ -477,12 +526,37 @@ impl Agents {
             generation: index.generation,
             instances,
         });
+        let id = index.next_subscriber;
+        index.next_subscriber += 1;
         index
             .subscribers
             .entry(node.to_owned())
             .or_default()
-            .push(tx);
-        Ok(rx)
+            .insert(id, tx);
+        drop(index);
+        Ok(NodeStream {
+            messages: rx,
+            _subscription: Subscription {
+                fanout: Arc::downgrade(&fanout),
+                node: node.to_owned(),
+                id,
+            },
+        })
+    }
+
+    /// How many desired-instance streams are open, of one node or of all.
+    pub fn open_streams(&self, node: Option<&str>) -> usize {
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(fanout) = current else { return 0 };
+        let index = fanout.lock();
+        match node {
+            Some(node) => index.subscribers.get(node).map_or(0, BTreeMap::len),
+            None => index.subscribers.values().map(BTreeMap::len).sum(),
+        }
     }
 
     /// The shared fan-out, started on first use (and again after it
@@ -494,12 +568,15 @@ impl Agents {
         }
         let fanout = Fanout::start(self.store.clone()).await?;
         *slot = Some(fanout.clone());
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(fanout.clone());
         Ok(fanout)
     }
 
     /// Records a node's report: the state of every instance it runs.
     /// Instances not placed on that node are ignored (the agent is about to
-    /// stop them); unchanged ones are not written again.
+    /// stop them); unchanged ones are not written again. Each instance's
+    /// status is written atomically; a large report is written in several
+    /// transactions (see `writes.rs`).
     pub async fn report(&self, node: &str, report: StatusReport) -> Result<usize, ApiError> {
         let mut ops = Vec::new();
         for status in report.instances {
@@ -528,9 +605,8 @@ impl Agents {
             ops.push(Op::put(key, encode(&record)?));
         }
         let written = ops.len();
-        if !ops.is_empty() {
-            self.store.txn(Txn::new().and_then(ops)).await?;
-        }
+        // Each status stands alone: split to fit etcd's transaction limit.
+        crate::writes::write_split(self.store.as_ref(), ops).await?;
         Ok(written)
     }
 

@@ -15,11 +15,13 @@ pub mod auth;
 pub mod certs;
 pub mod changes;
 pub mod console;
+mod hub;
 pub mod instances;
 pub mod nodes;
 pub mod reconcile;
 pub mod records;
 pub mod routes;
+mod writes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -40,6 +40,12 @@ pub struct NodeView {
     #[schema(nullable = false)]
     pub allocated: Option<Allocation>,
     pub address: String,
+    /// How many desired-instance streams of the node this controller holds
+    /// open (normally 1 while its agent is connected). Absent from the
+    /// answers to heartbeats, registrations and drains.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub streams: Option<usize>,
     /// `ready`, `draining` or `lost`.
     #[schema(schema_with = crate::api::openapi::node_status)]
     pub status: &'static str,
@@ -339,6 +345,7 @@ fn view(record: NodeRecord, alive: bool, allocated: Option<Allocation>) -> NodeV
         capacity: record.capacity,
         allocated,
         address: record.address,
+        streams: None,
         status,
         registered_at_ms: record.registered_at_ms,
     }

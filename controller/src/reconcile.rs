@@ -892,7 +892,8 @@ impl Reconciler {
                 .enumerate()
                 .map(|(i, e)| Ok(Op::put(keys::event(sequence, nonce, i), encode(e)?)))
                 .collect::<Result<Vec<_>, ApiError>>()?;
-            self.store.txn(Txn::new().and_then(ops)).await?;
+            // Events stand alone: split to fit etcd's transaction limit.
+            crate::writes::write_split(self.store.as_ref(), ops).await?;
         }
         Ok(written)
     }

@@ -3,7 +3,9 @@
 //! stream that sends the whole table again whenever it changes.
 //!
 //! Routers swap the table in whole, so each message is self-contained: a
-//! router that missed one loses nothing by taking the next.
+//! router that missed one loses nothing by taking the next. That is what
+//! lets every router share one store watch and one computation of the
+//! table per change (see `hub.rs`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,22 +15,27 @@ use futures::{FutureExt, StreamExt};
 use keel_manifest::{Protocol, Route, TlsMode};
 use keel_protocol::{InstanceRef, RouteEntry, RouteTable, RouteTls};
 use keel_store::{Revision, Store};
-use tokio::sync::mpsc;
 
 use crate::agents::{StatusRecord, status_keys};
 use crate::api::ApiError;
 use crate::apps::{decode, list_records};
+use crate::hub::Hub;
 use crate::instances::{InstanceRecord, keys as instance_keys};
 use crate::records::{AppRecord, RevisionRecord, keys};
 
 #[derive(Debug, Clone)]
 pub struct Routes {
     store: Arc<dyn Store>,
+    /// The route-table feed every router's stream follows.
+    hub: Arc<Hub<bytes::Bytes>>,
 }
 
 impl Routes {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+        Self {
+            store,
+            hub: Arc::default(),
+        }
     }
 
     /// The table as routers get it: with the stored certificates and their
@@ -142,48 +149,79 @@ impl Routes {
         })
     }
 
-    /// The table now, then again each time it changes, until the receiver
-    /// is dropped or the store closes.
-    pub async fn watch(&self) -> Result<mpsc::Receiver<RouteTable>, ApiError> {
-        let first = self.table_for_routers().await?;
-        let mut changes = self.store.watch("/keel/", first.generation + 1).await?;
-        let (tx, rx) = mpsc::channel(4);
-        let _ = tx.try_send(first.clone());
+    /// The table now, then again each time it changes, as JSON lines,
+    /// until the stream is dropped or the store watch ends. Every router
+    /// follows one shared store watch and one computation of the table per
+    /// change; a router that reads slowly gets the newest table when it
+    /// reads again.
+    pub async fn watch(
+        &self,
+    ) -> Result<impl futures::Stream<Item = bytes::Bytes> + Send + 'static, ApiError> {
         let this = self.clone();
-        tokio::spawn(async move {
-            let mut last = (first.routes, first.certificates);
-            loop {
-                // Wait for a change that can move the table...
-                let relevant = loop {
-                    let event = tokio::select! {
-                        event = changes.next() => event,
-                        () = tx.closed() => return,
-                    };
-                    match event {
-                        Some(Ok(event)) if moves_routes(&event.kv.key) => break true,
-                        Some(Ok(_)) => continue,
-                        _ => break false,
-                    }
-                };
-                if !relevant {
-                    return;
-                }
-                // ...let its burst land, then compute once.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                while let Some(Some(Ok(_))) = changes.next().now_or_never() {}
-                let Ok(table) = this.table_for_routers().await else {
-                    return;
-                };
-                if (&table.routes, &table.certificates) != (&last.0, &last.1) {
-                    last = (table.routes.clone(), table.certificates.clone());
-                    if tx.send(table).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(rx)
+        let feed = self.hub.subscribe(|| this.start_feed()).await?;
+        Ok(crate::hub::follow(feed))
     }
+
+    /// Whether the shared route-table feed runs (some router follows it).
+    pub async fn feed_running(&self) -> bool {
+        self.hub.is_running().await
+    }
+
+    /// The shared feed: the table now, and a stream of the tables that
+    /// differ from the one before, from one store watch.
+    async fn start_feed(
+        self,
+    ) -> Result<
+        (
+            bytes::Bytes,
+            std::pin::Pin<Box<dyn futures::Stream<Item = bytes::Bytes> + Send>>,
+        ),
+        ApiError,
+    > {
+        let first = self.table_for_routers().await?;
+        let changes = self.store.watch("/keel/", first.generation + 1).await?;
+        let line = table_line(&first)?;
+        let last = (first.routes, first.certificates);
+        let updates = futures::stream::unfold(
+            (changes, self, last),
+            |(mut changes, this, mut last)| async move {
+                loop {
+                    // Wait for a change that can move the table...
+                    loop {
+                        match changes.next().await {
+                            Some(Ok(event)) if moves_routes(&event.kv.key) => break,
+                            Some(Ok(_)) => continue,
+                            _ => return None,
+                        }
+                    }
+                    // ...let its burst land, then compute once.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    while let Some(Some(Ok(_))) = changes.next().now_or_never() {}
+                    let table = match this.table_for_routers().await {
+                        Ok(table) => table,
+                        Err(error) => {
+                            tracing::warn!(error = %error, "cannot compute the route table; route streams end");
+                            return None;
+                        }
+                    };
+                    if (&table.routes, &table.certificates) == (&last.0, &last.1) {
+                        continue;
+                    }
+                    let line = table_line(&table).ok()?;
+                    last = (table.routes, table.certificates);
+                    return Some((line, (changes, this, last)));
+                }
+            },
+        );
+        Ok((line, Box::pin(updates)))
+    }
+}
+
+/// A table as one line of the stream.
+fn table_line(table: &RouteTable) -> Result<bytes::Bytes, ApiError> {
+    let mut line = serde_json::to_vec(table).map_err(|e| ApiError::Internal(e.to_string()))?;
+    line.push(b'\n');
+    Ok(bytes::Bytes::from(line))
 }
 
 /// Keys whose changes can change the route table.

@@ -1,10 +1,17 @@
 //! Keel's scheduler: decides which node each instance of an app runs on.
 //!
 //! It is a pure decision: a [`Cluster`] snapshot (nodes, what is allocated on
-//! them, how each app is spread) goes in, node ids come out. The controller
-//! keeps one `Cluster` up to date from store events ([`Cluster::add_node`],
-//! [`Cluster::set_status`], [`Cluster::assign`], [`Cluster::release`]), asks it
-//! to [`Cluster::place`] pending instances, and writes the plan to the store.
+//! them, how each app is spread) goes in, node ids come out. The
+//! controller's reconciler builds a fresh `Cluster` from its snapshot of the
+//! store on every pass (its nodes with [`Cluster::add_node`], what is already
+//! placed with [`Cluster::assign`]), places the pending instances
+//! ([`Cluster::place_one`], [`Cluster::place_on`]), releases what it removes
+//! ([`Cluster::release`]), writes the plan to the store, and drops the
+//! `Cluster` with the pass. Building it is linear in nodes and instances;
+//! the structures below keep each placement within a pass cheap, so a
+//! deploy of thousands of instances is one pass. Keeping one `Cluster` alive across passes, fed
+//! by store events ([`Cluster::set_status`] and the rest), is what the API
+//! allows but not what the controller does.
 //!
 //! Architecture Invariant: this crate does no I/O and depends on no store,
 //! HTTP, async runtime or clock, and on no other Keel crate. The controller

@@ -1069,7 +1069,11 @@ async fn heartbeat(
     ),
 )]
 async fn list_nodes(State(state): State<ApiState>) -> Result<Response, ApiError> {
-    Ok(Json(state.nodes.list().await?).into_response())
+    let mut nodes = state.nodes.list().await?;
+    for node in &mut nodes {
+        node.streams = Some(state.agents.open_streams(Some(&node.name)));
+    }
+    Ok(Json(nodes).into_response())
 }
 
 /// Shows a node
@@ -1092,7 +1096,9 @@ async fn show_node(
     State(state): State<ApiState>,
     Path(NodePath { node }): Path<NodePath>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(state.nodes.show(&node).await?).into_response())
+    let mut view = state.nodes.show(&node).await?;
+    view.streams = Some(state.agents.open_streams(Some(&node)));
+    Ok(Json(view).into_response())
 }
 
 /// Drains a node
@@ -1181,10 +1187,24 @@ async fn watch_instances(
     ))
 }
 
-/// A channel of messages as a newline-delimited JSON response, open until
-/// the sender is dropped or the client goes.
+/// A stream of messages as a newline-delimited JSON response, open until
+/// the stream ends or the client goes.
 fn ndjson<T: Serialize + Send + 'static>(
-    messages: tokio::sync::mpsc::Receiver<T>,
+    messages: impl futures::Stream<Item = T> + Send + 'static,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> Response {
+    let lines = messages.map(|message| {
+        let mut line = serde_json::to_vec(&message).unwrap_or_default();
+        line.push(b'\n');
+        Bytes::from(line)
+    });
+    ndjson_lines(lines, stopping)
+}
+
+/// As [`ndjson`], for messages already written as lines (one shared
+/// serialization for every client of a hub).
+fn ndjson_lines(
+    lines: impl futures::Stream<Item = Bytes> + Send + 'static,
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) -> Response {
     // A stream never ends by itself; it ends when the controller stops, so
@@ -1192,11 +1212,6 @@ fn ndjson<T: Serialize + Send + 'static>(
     let stopped = async move {
         let _ = stopping.wait_for(|stopping| *stopping).await;
     };
-    let lines = tokio_stream::wrappers::ReceiverStream::new(messages).map(|message| {
-        let mut line = serde_json::to_vec(&message).unwrap_or_default();
-        line.push(b'\n');
-        Bytes::from(line)
-    });
     // A blank line every so often when nothing else is said, so that a
     // client can tell a quiet stream from a dead connection.
     let mut tick = tokio::time::interval(STREAM_KEEPALIVE);
@@ -1576,7 +1591,10 @@ async fn watch_routes(
             query.node
         )));
     }
-    Ok(ndjson(state.routes.watch().await?, state.stopping.clone()))
+    Ok(ndjson_lines(
+        state.routes.watch().await?,
+        state.stopping.clone(),
+    ))
 }
 
 /// Stores a TLS certificate for a host
