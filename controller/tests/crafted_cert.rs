@@ -3,7 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a panic is their failure report
 
-use keel_controller::{Server, ServerConfig};
+mod support;
+
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -38,12 +39,7 @@ fn pem(der: &[u8]) -> String {
 #[tokio::test]
 async fn a_certificate_with_a_multibyte_validity_time_is_a_400_and_the_controller_serves_on() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(ServerConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        dir.path(),
-    ))
-    .await
-    .unwrap();
+    let server = support::start_server(dir.path()).await;
     let token = server.new_admin_token.as_ref().unwrap().token.clone();
     // 13 bytes of UTF-8, as a UTCTime is, with 'é' across byte 2.
     let time = der(0x17, "1\u{e9}345678901Z".as_bytes());

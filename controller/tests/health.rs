@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a panic is their failure report
 
+mod support;
+
 use keel_controller::{Server, ServerConfig};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -18,12 +20,7 @@ async fn probe(server: &Server, path: &str) -> (StatusCode, Value) {
 #[tokio::test]
 async fn both_probes_answer_200_without_a_token() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(ServerConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        dir.path(),
-    ))
-    .await
-    .unwrap();
+    let server = support::start_server(dir.path()).await;
     for path in ["/healthz", "/readyz"] {
         let (status, body) = probe(&server, path).await;
         assert_eq!(status, StatusCode::OK, "{path}: {body}");

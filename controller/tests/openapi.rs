@@ -5,10 +5,11 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a panic is their failure report
 
+mod support;
+
 use std::collections::BTreeSet;
 
 use keel_controller::api::{self, PUBLIC_ROUTES, ROUTES};
-use keel_controller::{Server, ServerConfig};
 use serde_json::Value;
 
 const CHECKED_IN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
@@ -208,12 +209,7 @@ fn every_reference_in_the_document_resolves() {
 #[tokio::test]
 async fn the_controller_serves_the_document_without_a_token() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(ServerConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        dir.path(),
-    ))
-    .await
-    .unwrap();
+    let server = support::start_server(dir.path()).await;
     let url = format!("http://{}{}", server.addr, api::OPENAPI_PATH);
     let response = reqwest::get(&url).await.unwrap();
     assert_eq!(response.status(), reqwest::StatusCode::OK);

@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a panic is their failure report
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -15,7 +17,6 @@ use keel_controller::agents::Agents;
 use keel_controller::apps::Apps;
 use keel_controller::changes::{Changed, Changes};
 use keel_controller::routes::Routes;
-use keel_controller::{Server, ServerConfig};
 use keel_protocol::RouteTable;
 use keel_store::{
     DeleteResponse, KeyValue, Lease, LeaseId, RangePage, RangeRequest, Revision, Store,
@@ -132,12 +133,7 @@ async fn ten_thousand_node_stream_connections_leave_no_subscriber_behind() {
 #[tokio::test]
 async fn an_operator_sees_a_nodes_open_streams_and_reconnects_do_not_pile_up() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(ServerConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        dir.path(),
-    ))
-    .await
-    .unwrap();
+    let server = support::start_server(dir.path()).await;
     let admin = server.new_admin_token.as_ref().unwrap().token.clone();
     let join = server.new_join_token.as_ref().unwrap().token.clone();
     let base = format!("http://{}", server.addr);
