@@ -23,7 +23,7 @@ run_packages=(
   "gcc|/usr/bin/gcc|ring and mimalloc compile C; rustup's toolchain links with cc"
   "libc6-dev|/usr/lib/$(uname -m)-linux-gnu/libc.a|libc.a: the example app's image is a statically linked binary"
   "docker.io|/usr/sbin/dockerd|the agent runs instances in Docker Engine"
-  "curl|/usr/bin/curl|the README's tour reaches the example app through the router"
+  "curl|/usr/bin/curl|the README's tour reaches the example app through the router; router tests are HTTP/1.1, HTTP/2 and TLS clients with it"
 )
 test_packages=(
   "etcd-server|/usr/bin/etcd|tests start real etcd members on loopback"

@@ -8,13 +8,12 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keel_agent::docker::{DockerConfig, DockerRuntime};
 use keel_agent::eventually;
 use keel_agent::testing::{ClusterConfig, NodeSpec, SimCluster};
 use keel_agent::{
@@ -139,23 +138,7 @@ async fn a_killed_agent_stops_answering_health_checks() {
 async fn on_docker_readyz_is_ok_once_connected() {
     support::logs();
     let node = format!("nh{}", std::process::id());
-    let mut cluster = SimCluster::start_with(ClusterConfig::default(), &[])
-        .await
-        .unwrap();
-    let runtime = DockerRuntime::connect(DockerConfig::new(
-        node.as_str(),
-        "127.0.0.1".parse::<IpAddr>().unwrap(),
-    ))
-    .await
-    .unwrap();
-    cluster
-        .add_node_with(
-            NodeSpec::new(node.as_str(), "a"),
-            "127.0.0.1",
-            Arc::new(runtime),
-        )
-        .await
-        .unwrap();
+    let cluster = support::one_docker_node(&node).await;
     let addr = cluster
         .agent(&node)
         .unwrap()

@@ -10,15 +10,12 @@
 
 mod support;
 
-use std::net::IpAddr;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use keel_agent::docker::{DockerConfig, DockerRuntime};
 use keel_agent::eventually;
-use keel_agent::testing::{ClusterConfig, NodeSpec, SimCluster};
 use keel_protocol::logs::MAX_LOG_LINE_BYTES;
 
 /// What the app writes without a newline. Through Docker's json-file log
@@ -154,23 +151,7 @@ async fn a_container_writing_without_newlines_is_followed_in_bounded_memory() {
         tag: tag.clone(),
     };
 
-    let mut cluster = SimCluster::start_with(ClusterConfig::default(), &[])
-        .await
-        .unwrap();
-    let runtime = DockerRuntime::connect(DockerConfig::new(
-        node.as_str(),
-        "127.0.0.1".parse::<IpAddr>().unwrap(),
-    ))
-    .await
-    .unwrap();
-    cluster
-        .add_node_with(
-            NodeSpec::new(node.as_str(), "a"),
-            "127.0.0.1",
-            Arc::new(runtime),
-        )
-        .await
-        .unwrap();
+    let cluster = support::one_docker_node(&node).await;
     // No health check: its requests would print lines into the long one.
     cluster
         .admin()

@@ -3,10 +3,13 @@
 #![allow(dead_code)] // each test binary uses its own part of this
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::Duration;
 
+use keel_agent::docker::{DockerConfig, DockerRuntime};
 use keel_agent::sim::SimInstance;
-use keel_agent::testing::{Instance, SimCluster};
+use keel_agent::testing::{ClusterConfig, Instance, NodeSpec, SimCluster};
 use keel_protocol::InstanceState;
 
 /// Zones of every test cluster.
@@ -87,4 +90,21 @@ pub fn per_zone(cluster: &SimCluster, instances: &[Instance]) -> BTreeMap<String
         *zones.entry(zone).or_default() += 1;
     }
     zones
+}
+
+/// A test cluster whose one node, `node` in zone `a` on 127.0.0.1, runs a
+/// Docker agent with the runtime's default settings on this machine's
+/// engine.
+pub async fn one_docker_node(node: &str) -> SimCluster {
+    let mut cluster = SimCluster::start_with(ClusterConfig::default(), &[])
+        .await
+        .unwrap();
+    let runtime = DockerRuntime::connect(DockerConfig::new(node, IpAddr::V4(Ipv4Addr::LOCALHOST)))
+        .await
+        .unwrap();
+    cluster
+        .add_node_with(NodeSpec::new(node, "a"), "127.0.0.1", Arc::new(runtime))
+        .await
+        .unwrap();
+    cluster
 }
