@@ -22,10 +22,11 @@ use crate::records::{
 /// is told of the conflict.
 const CAS_ATTEMPTS: usize = 5;
 
-/// The most writes one transaction of split work (pruning, the revisions
-/// of a deleted app) carries. etcd refuses a transaction with more than
-/// `--max-txn-ops` operations in a branch, 128 by default; this leaves room
-/// for the few compares and extra writes that go with a chunk.
+/// The most writes one conditional transaction of split work (the
+/// revisions of a deleted or pruned app, each chunk guarded by a compare)
+/// carries: below [`crate::writes::MAX_TXN_OPS`], leaving room for the
+/// compares and extra writes that go with a chunk. (Unconditional split
+/// writes go through [`crate::writes::write_split`].)
 pub const TXN_CHUNK: usize = 100;
 
 /// How many revisions of each app are kept by default (see
@@ -799,9 +800,9 @@ impl Apps {
     }
 
     /// Deletes all but the newest `keep` events; returns how many went.
-    /// Events are independent records, so the deletes are split into
-    /// transactions of [`TXN_CHUNK`]: an interrupted prune leaves only
-    /// events that the next one removes.
+    /// Events are independent records, so the deletes are split to fit a
+    /// transaction ([`crate::writes::write_split`]): an interrupted prune
+    /// leaves only events that the next one removes.
     ///
     /// The reconciler runs this every minute, so it also finishes the app
     /// deletions that were interrupted (see [`Apps::finish_deletions`]).
@@ -811,11 +812,8 @@ impl Apps {
         }
         let keys = list_keys(self.store.as_ref(), &keys::events()).await?;
         let excess = keys.len().saturating_sub(keep);
-        for chunk in keys[..excess].chunks(TXN_CHUNK) {
-            self.store
-                .txn(Txn::new().and_then(chunk.iter().map(Op::delete)))
-                .await?;
-        }
+        let deletes = keys[..excess].iter().map(Op::delete).collect();
+        crate::writes::write_split(self.store.as_ref(), deletes).await?;
         Ok(excess)
     }
 
