@@ -20,12 +20,14 @@ pub const MAX_TXN_OPS: usize = 128;
 /// Writes independent operations in as few transactions as the limit
 /// allows, in order; returns the revision of the last one (`None` when
 /// there was nothing to write).
-pub async fn write_split(store: &dyn Store, mut ops: Vec<Op>) -> Result<Option<i64>, ApiError> {
+pub async fn write_split(store: &dyn Store, ops: Vec<Op>) -> Result<Option<i64>, ApiError> {
     let mut revision = None;
-    while !ops.is_empty() {
-        let rest = ops.split_off(ops.len().min(MAX_TXN_OPS));
-        let batch = std::mem::replace(&mut ops, rest);
+    let mut ops = ops.into_iter();
+    loop {
+        let batch: Vec<Op> = ops.by_ref().take(MAX_TXN_OPS).collect();
+        if batch.is_empty() {
+            return Ok(revision);
+        }
         revision = Some(store.txn(Txn::new().and_then(batch)).await?.revision);
     }
-    Ok(revision)
 }
